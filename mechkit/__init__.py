@@ -15,7 +15,7 @@ _LAZY = {
     "Site": "mechkit.sites",
     "load": "mechkit.models.load",
     "Model": "mechkit.models.base",
-    "ActivationCache": "mechkit.activations.cache",
+    "ActivationCache": "mechkit.models.cache",
     "ActivationStore": "mechkit.activations.store",
     "collect": "mechkit.activations.collect",
     "Result": "mechkit.results",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError
+from mechkit.provenance import provenance
 
 TENSORS, RESULT = "tensors.safetensors", "result.json"
 _TAGS = ("__tensor__", "__tuple__", "__float__")
@@ -113,18 +114,6 @@ class Result:
         return target(**values)
 
 
-def provenance(model: Any = None, sites: Any = None, **extra: Any) -> dict[str, Any]:
-    """A provenance dict: model name, backend, sites, mechkit version, plus ``extra`` (seeds, settings)."""
-    from mechkit import __version__
-
-    record: dict[str, Any] = {"mechkit_version": __version__}
-    if model is not None:
-        record |= {"model": model.info.name, "backend": model.backend}
-    if sites is not None:
-        record["sites"] = [str(s) for s in ([sites] if isinstance(sites, str) else sites)]
-    return record | extra
-
-
 # -- encoding ----------------------------------------------------------------------------------
 def _class_key(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -193,3 +182,4 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
         return math.isnan(b)
     return type(a) is type(b) and a == b
+__all__ = ["Result", "provenance"]

@@ -20,6 +20,10 @@ GLOBAL_KINDS = ("embed", "ln_final", "logits")
 # In execution order within a block.
 BLOCK_KINDS = (
     "resid_pre",
+    "attn.in",
+    "attn.q_in",
+    "attn.k_in",
+    "attn.v_in",
     "attn.q",
     "attn.k",
     "attn.v",
@@ -27,6 +31,7 @@ BLOCK_KINDS = (
     "attn.pattern",
     "attn.out",
     "resid_mid",
+    "mlp.in",
     "moe.router",
     "moe.topk",
     "mlp.pre",
@@ -45,6 +50,11 @@ AXES: dict[str, tuple[str, ...]] = {
     "resid_pre": ("batch", "pos", "d_model"),
     "resid_mid": ("batch", "pos", "d_model"),
     "resid_post": ("batch", "pos", "d_model"),
+    "attn.in": ("batch", "pos", "d_model"),
+    "attn.q_in": ("batch", "pos", "head", "d_model"),
+    "attn.k_in": ("batch", "pos", "head", "d_model"),
+    "attn.v_in": ("batch", "pos", "head", "d_model"),
+    "mlp.in": ("batch", "pos", "d_model"),
     "attn.q": ("batch", "pos", "head", "d_head"),
     "attn.k": ("batch", "pos", "head", "d_head"),
     "attn.v": ("batch", "pos", "head", "d_head"),
@@ -65,19 +75,32 @@ _BLOCK_RE = re.compile(
     r"^blocks\.(?P<layer>\d+)\.(?P<kind>[a-z_]+(?:\.[a-z_]+)?)(?:\.h(?P<head>\d+)|\.e(?P<expert>\d+))?$"
 )
 _GLOBAL_RE = re.compile(r"^(?P<kind>embed|ln_final|logits)$")
+# ``<host site>.<splice name>.<part>``: an intermediate of a module spliced in at the host site.
+_SPLICE_RE = re.compile(r"^(?P<host>.+)\.(?P<splice>[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)$")
+_SPLICE_PART_RE = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class Site:
-    """An address in a model. ``head``/``expert`` narrow a site to one slice of its head/expert axis."""
+    """An address in a model. ``head``/``expert`` narrow a site to one slice of its head/expert axis.
+
+    ``splice`` (``"<name>.<part>"``) addresses an intermediate of a module spliced in at the host
+    site (see :meth:`mechkit.Model.splice`), e.g. ``blocks.3.resid_post.sae.latents``.
+    """
 
     kind: str
     layer: int | None = None
     head: int | None = None
     expert: int | None = None
     path: str | None = None  # only for kind == "module"
+    splice: str | None = None
 
     def __post_init__(self) -> None:
+        if self.splice is not None:
+            if not _SPLICE_PART_RE.match(self.splice):
+                raise UnknownSiteError(f"a splice part is '<name>.<part>' in lowercase, got {self.splice!r}")
+            if self.kind == MODULE_KIND or self.head is not None or self.expert is not None:
+                raise UnknownSiteError("splice parts live on a whole named site (not module:, heads or experts)")
         if self.kind not in KINDS:
             raise UnknownSiteError(f"unknown site kind {self.kind!r}; {_nearest(self.kind, KINDS)}")
         if self.kind == MODULE_KIND:
@@ -113,15 +136,10 @@ class Site:
         text = name.strip()
         if text.startswith(MODULE_KIND + ":"):
             return cls(MODULE_KIND, path=text[len(MODULE_KIND) + 1 :])
-        if m := _GLOBAL_RE.match(text):
-            return cls(m["kind"])
-        if (m := _BLOCK_RE.match(text)) and m["kind"] in BLOCK_KINDS:
-            return cls(
-                m["kind"],
-                int(m["layer"]),
-                head=int(m["head"]) if m["head"] else None,
-                expert=int(m["expert"]) if m["expert"] else None,
-            )
+        if (site := _parse_plain(text)) is not None:
+            return site
+        if (m := _SPLICE_RE.match(text)) and (host := _parse_plain(m["host"])) is not None and host.base == host:
+            return cls(host.kind, host.layer, splice=m["splice"])
         layer = re.match(r"^blocks\.(\d+)\.", text)
         examples = vocabulary_examples(layer=int(layer[1]) if layer else 0)
         raise UnknownSiteError(f"cannot parse site {name!r}; {_nearest(text, examples)}")
@@ -129,6 +147,8 @@ class Site:
     def __str__(self) -> str:
         if self.kind == MODULE_KIND:
             return f"{MODULE_KIND}:{self.path}"
+        if self.splice is not None:
+            return f"{self.host}.{self.splice}"
         if self.kind in GLOBAL_KINDS:
             return self.kind
         suffix = f".h{self.head}" if self.head is not None else f".e{self.expert}" if self.expert is not None else ""
@@ -140,15 +160,26 @@ class Site:
     # -- structure -------------------------------------------------------------------------
     @property
     def base(self) -> Site:
-        """The site without its head/expert narrowing."""
+        """The site without its head/expert narrowing (a splice part keeps its splice)."""
         if self.head is None and self.expert is None:
             return self
         return Site(self.kind, self.layer)
 
     @property
+    def host(self) -> Site:
+        """The model site a splice part hangs off (the site itself when it is not a splice part)."""
+        return self if self.splice is None else Site(self.kind, self.layer)
+
+    @property
     def axes(self) -> tuple[str, ...]:
-        """Named axes of this site's tensor (a narrowed site loses its head/expert axis)."""
+        """Named axes of this site's tensor (a narrowed site loses its head/expert axis).
+
+        A splice part keeps its host's leading axes; its last axis is the spliced module's
+        ``feature`` axis (e.g. SAE latents).
+        """
         axes = AXES.get(self.kind, ())
+        if self.splice is not None:
+            return (*axes[:-1], "feature")
         if self.head is not None:
             axes = tuple(a for a in axes if a != "head")
         if self.expert is not None:
@@ -157,13 +188,28 @@ class Site:
 
     def sort_key(self) -> tuple:
         """Execution order: embed, then blocks in order (kinds in block order), then ln_final, logits."""
+        splice = self.splice or ""
         if self.kind == "embed":
-            return (-1, 0, "", -1, -1)
+            return (-1, 0, splice, -1, -1)
         if self.kind in ("ln_final", "logits"):
-            return (10**9, GLOBAL_KINDS.index(self.kind), "", -1, -1)
+            return (10**9, GLOBAL_KINDS.index(self.kind), splice, -1, -1)
         if self.kind == MODULE_KIND:
             return (10**9 + 1, 0, self.path or "", -1, -1)
-        return (self.layer, BLOCK_KINDS.index(self.kind), "", _or(self.head), _or(self.expert))
+        return (self.layer, BLOCK_KINDS.index(self.kind), splice, _or(self.head), _or(self.expert))
+
+
+def _parse_plain(text: str) -> Site | None:
+    """A global or block site without a splice part, or None when ``text`` is not one."""
+    if m := _GLOBAL_RE.match(text):
+        return Site(m["kind"])
+    if (m := _BLOCK_RE.match(text)) and m["kind"] in BLOCK_KINDS:
+        return Site(
+            m["kind"],
+            int(m["layer"]),
+            head=int(m["head"]) if m["head"] else None,
+            expert=int(m["expert"]) if m["expert"] else None,
+        )
+    return None
 
 
 def _or(value: int | None) -> int:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-TMP_PREFIX = ".tmp-"
+from mechkit.atomic import TMP_PREFIX, atomic_write, atomic_write_json, clean_temp_files, fsync_dir
+
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 _HASH_CHUNK = 1 << 22
 
@@ -101,55 +102,6 @@ def _raw_bytes(tensor: Tensor) -> Any:
     """A zero-copy uint8 numpy view of a CPU tensor's memory."""
     t = tensor.detach().cpu().contiguous()
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def atomic_write(path: Path, body: Any) -> None:
-    """Write through ``body(file)`` into a temp file beside ``path``, fsync, then rename over it.
-
-    A crash leaves either the old file or the new one, never a partial file under ``path``;
-    leftovers carry :data:`TMP_PREFIX` and are removed by :func:`clean_temp_files`.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            body(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=1, sort_keys=False).encode() + b"\n"
-    atomic_write(path, lambda f: f.write(text))
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename durable (directory entries live in the directory's own blocks)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def clean_temp_files(folder: Path) -> list[str]:
-    """Remove temp files a crashed writer left behind; returns their names."""
-    removed = []
-    for path in folder.glob(TMP_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed.append(path.name)
-    return removed
 
 
 def sha256_file(path: Path) -> str:

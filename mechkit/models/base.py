@@ -17,9 +17,10 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from mechkit.activations.cache import ActivationCache, narrow, widen
+from mechkit.models.cache import ActivationCache, narrow, widen
 from mechkit.errors import MechkitError, SiteNotSupportedError, UnknownSiteError
 from mechkit.models.inputs import Batch, prepare_inputs
+from mechkit.provenance import provenance
 from mechkit.sites import MOE_KINDS, Site, nearest_names, select
 
 SiteSpec = Union[str, Site, Sequence[str | Site]]
@@ -43,6 +44,7 @@ class ModelInfo:
     top_k: int | None = None
     moe_layers: tuple[int, ...] = ()
     encoder: bool = False
+    n_ctx: int | None = None  # hard context limit (learned position embeddings); None when unbounded
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Model:
         return None
 
     def parameters_fingerprint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def torch_module(self) -> Any:
+        """The wrapped ``nn.Module`` (HF model, HookedTransformer / Bridge) — for dtype and provenance."""
         raise NotImplementedError
 
     def unembed(self, resid: Tensor) -> Tensor:
@@ -243,16 +250,8 @@ class Model:
         return logits, {s: narrow(acts[s.base], s) for s in read}
 
     def _cache(self, acts: dict[Site, Tensor], batch: Batch, read: Sequence[Site]) -> ActivationCache:
-        from mechkit import __version__
-
-        provenance = {
-            "model": self.info.name,
-            "backend": self.backend,
-            "sites": [str(s) for s in read],
-            "input_shape": list(batch.input_ids.shape),
-            "mechkit_version": __version__,
-        }
-        return ActivationCache(acts, provenance, batch.attention_mask)
+        record = provenance(self, read, input_shape=list(batch.input_ids.shape))
+        return ActivationCache(acts, record, batch.attention_mask)
 
 
 def _compose(items: list[tuple[Site, Any]]) -> WriteFn:

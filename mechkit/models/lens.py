@@ -176,6 +176,10 @@ class LensModel(Model):
             return MODULE_REASON
         return self.readonly.get(site)
 
+    @property
+    def torch_module(self) -> nn.Module:
+        return self.tl
+
     def parameters_fingerprint(self) -> str:
         return fingerprint(self.tl)
 

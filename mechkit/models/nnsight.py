@@ -146,6 +146,10 @@ class NNsightModel(Model):
         reason = tap.readonly_reason or "the router has already chosen; edit blocks.L.moe.topk instead"
         return f"{site.kind} is read-only here ({reason})"
 
+    @property
+    def torch_module(self) -> nn.Module:
+        return self.module
+
     def parameters_fingerprint(self) -> str:
         module = self.module
         if not _on_meta(module):

@@ -55,6 +55,10 @@ class TorchHooksModel(Model):
         reason = tap.readonly_reason or "the router has already chosen; edit blocks.L.moe.topk instead"
         return f"{site.kind} is read-only here ({reason})"
 
+    @property
+    def torch_module(self) -> nn.Module:
+        return self.module
+
     def parameters_fingerprint(self) -> str:
         return fingerprint(self.module)
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mechkit
-from mechkit.models.interventions import (
+from mechkit.interventions import (
     Add,
     Apply,
     Mean,

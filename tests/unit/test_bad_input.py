@@ -7,7 +7,7 @@ import torch
 
 import mechkit
 from mechkit.errors import MechkitError, SiteNotSupportedError, UnknownSiteError, UnsupportedArchitectureError
-from mechkit.models.interventions import Apply, ProjectOut, Replace, Resample, Zero
+from mechkit.interventions import Apply, ProjectOut, Replace, Resample, Zero
 from tests.conftest import tiny_hf_model, tiny_ids
 
 
