@@ -2,29 +2,32 @@
 
 Backends implement a single primitive, :meth:`Model._run`: one forward pass that reads some
 sites, rewrites others and (optionally) keeps the autograd graph. Everything users call —
-``run_with_cache``, ``run_with_interventions``, ``intervene``, ``gradients`` — is built here on
-top of it, so the behaviour (site resolution, errors, provenance, hook hygiene) is identical
-across backends.
+``run_with_cache``, ``run_with_interventions``, ``intervene``, ``splice``, ``gradients`` — is
+built here on top of it, so the behaviour (site resolution, padding, errors, provenance, hook
+hygiene) is identical across backends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
-from mechkit.models.cache import ActivationCache, narrow, widen
 from mechkit.errors import MechkitError, SiteNotSupportedError, UnknownSiteError
+from mechkit.models.cache import ActivationCache, narrow
+from mechkit.models.execution import Items, RunEdits, WriteFn
 from mechkit.models.inputs import Batch, prepare_inputs
+from mechkit.models.splice import Splice
 from mechkit.provenance import provenance
-from mechkit.sites import MOE_KINDS, Site, nearest_names, select
+from mechkit.selection import RunContext
+from mechkit.sites import MOE_KINDS, Site, is_pattern, nearest_names, select
 
-SiteSpec = Union[str, Site, Sequence[str | Site]]
-WriteFn = Callable[[Tensor], Tensor]
+SiteSpec = Union[str, Site, Sequence[Union[str, Site]]]
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,27 @@ class ModelInfo:
     n_ctx: int | None = None  # hard context limit (learned position embeddings); None when unbounded
 
 
-@dataclass(frozen=True)
+class Run(NamedTuple):
+    """What ``run_with_cache`` and ``run_with_interventions`` return.
+
+    ``logits``: [batch, pos, vocab] (final hidden states for encoders). ``cache``: the requested
+    sites (empty when none were asked), with the run's attention mask and provenance.
+    Unpacks as ``logits, cache = model.run_with_cache(...)``.
+    """
+
+    logits: Tensor
+    cache: ActivationCache
+
+
+@dataclass(frozen=True, eq=False)
 class GradientResult:
-    """A metric's value plus activations and d(metric)/d(activation) at the requested sites."""
+    """The result of :meth:`Model.gradients`.
+
+    ``value``: the metric, a detached scalar tensor. ``logits``: the run's logits, detached.
+    ``activations``: the requested sites' values (detached). ``grads``: d value / d activation at
+    each requested site, same shapes as ``activations`` (zeros where the metric does not depend on
+    the site). Both caches carry the run's attention mask.
+    """
 
     value: Tensor
     logits: Tensor
@@ -65,7 +86,8 @@ class Model:
     def __init__(self, info: ModelInfo, tokenizer: Any = None) -> None:
         self.info = info
         self.tokenizer = tokenizer
-        self._context_writes: list[dict[Site, Any]] = []
+        self._context_writes: list[dict[Site, Items]] = []
+        self._splices: list[Splice] = []
 
     # -- to implement per backend ---------------------------------------------------------------
     @property
@@ -102,22 +124,26 @@ class Model:
 
     # -- sites --------------------------------------------------------------------------------
     def resolve(self, specs: SiteSpec) -> list[Site]:
-        """Names, Sites or globs → validated sites in execution order."""
-        specs_list = [specs] if isinstance(specs, (str, Site)) else list(specs)
+        """Names, Sites or globs → validated sites in execution order (splice parts included)."""
+        specs_list = [specs] if isinstance(specs, (str, Site)) else _as_list(specs)
         for spec in specs_list:
-            if isinstance(spec, (str, Site)):
-                self._check_one(spec)
-            else:
-                raise TypeError(f"a site is a str or Site, got {type(spec).__name__}: {spec!r}")
-        return select(specs_list, self.sites)
+            if not isinstance(spec, (str, Site)):
+                hint = f"; for layer {spec} write e.g. 'blocks.{spec}.resid_post'" if isinstance(spec, int) else ""
+                raise TypeError(f"a site is a str or Site, got {type(spec).__name__} {spec!r}{hint}")
+            self._check_one(spec)
+        return select(specs_list, [*self.sites, *self._splice_sites()])
+
+    def _splice_sites(self) -> list[Site]:
+        return [site for splice in self._splices for site in splice.sites]
 
     def _check_one(self, spec: str | Site) -> None:
-        if isinstance(spec, str) and any(c in spec for c in "*?["):
+        if isinstance(spec, str) and is_pattern(spec):
             return
         site = Site.parse(spec)
+        if site.splice is not None:
+            return self._check_splice_part(site)
         if site.kind == "module" or site.base in set(self.sites):
-            self._check_narrowing(site)
-            return
+            return self._check_narrowing(site)
         info, names = self.info, [str(s) for s in self.sites]
         if site.layer is not None and not 0 <= site.layer < info.n_layers:
             raise UnknownSiteError(
@@ -131,6 +157,20 @@ class Model:
         if (reason := self._unsupported_reason(site.base)) is not None:
             raise SiteNotSupportedError(f"{site} is not available with the {self.backend} backend: {reason}")
         raise UnknownSiteError(f"{info.name} has no site {str(site)!r}; {nearest_names(str(site.base), names)}")
+
+    def _check_splice_part(self, site: Site) -> None:
+        self._check_one(site.host)
+        name = site.splice.split(".")[0]
+        matching = [s for s in self._splices if s.host == site.host and s.name == name]
+        if not matching:
+            active = ", ".join(f"{s.host}.{s.name}" for s in self._splices) or "none"
+            raise UnknownSiteError(
+                f"{site}: no module is spliced at {site.host} as {name!r} (active splices: {active}); "
+                f"wrap the call in `with model.splice('{site.host}', module, name='{name}'):`"
+            )
+        if site not in matching[-1].sites:
+            names = [str(s) for s in matching[-1].sites]
+            raise UnknownSiteError(f"{site} is not a part of that splice; {nearest_names(str(site), names)}")
 
     def _check_narrowing(self, site: Site) -> None:
         info = self.info
@@ -154,113 +194,226 @@ class Model:
         return self.forward(inputs)
 
     def forward(self, inputs: Any) -> Tensor:
-        """Logits (or final hidden states for encoders), with any active ``intervene`` context."""
+        """Logits (or final hidden states for encoders), with any active ``intervene`` / ``splice``."""
         logits, _ = self._execute(self.to_tokens(inputs), [], {}, grad=False)
         return logits
 
-    def run_with_cache(
-        self, inputs: Any, sites: SiteSpec, *, dtype: torch.dtype | None = None
-    ) -> tuple[Tensor, ActivationCache]:
-        """Run once and return (logits, cache of ``sites``)."""
+    def run_with_cache(self, inputs: Any, sites: SiteSpec, *, dtype: torch.dtype | None = None) -> Run:
+        """Run once and return ``Run(logits, cache)`` with the activations at ``sites``."""
         batch = self.to_tokens(inputs)
         read = self.resolve(sites)
         logits, acts = self._execute(batch, read, {}, grad=False)
         if dtype is not None:
             acts = {s: t.to(dtype) for s, t in acts.items()}
-        return logits, self._cache(acts, batch, read)
+        return Run(logits, self._cache(acts, batch, read))
 
     def run_with_interventions(
-        self,
-        inputs: Any,
-        interventions: Mapping[str | Site, Any],
-        *,
-        cache: SiteSpec | None = None,
-    ) -> Tensor | tuple[Tensor, ActivationCache]:
-        """Run with ``{site: intervention}`` applied; also return a cache when ``cache`` names sites."""
+        self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None
+    ) -> Run:
+        """Run with ``{site: intervention}`` applied; always returns ``Run(logits, cache)``.
+
+        ``cache`` names sites to record (after the interventions); the cache is empty otherwise.
+        """
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
         logits, acts = self._execute(batch, read, self._writes(interventions), grad=False)
-        return (logits, self._cache(acts, batch, read)) if cache is not None else logits
+        return Run(logits, self._cache(acts, batch, read))
 
     @contextlib.contextmanager
     def intervene(self, interventions: Mapping[str | Site, Any]) -> Iterator[Model]:
-        """Apply interventions to every run of this model inside the block; removed on exit, always."""
+        """Apply interventions to every run of this model inside the block; removed on exit, always.
+
+        Contexts nest and interleave freely; each is removed by identity when its block ends.
+        """
         writes = self._writes(interventions)
         self._context_writes.append(writes)
         try:
             yield self
         finally:
-            self._context_writes.remove(writes)
+            _remove_by_identity(self._context_writes, writes)
+
+    @contextlib.contextmanager
+    def splice(self, site: str | Site, module: Any, *, name: str | None = None,
+               keep_error: bool = True) -> Iterator[Splice]:
+        """Insert ``module`` at ``site`` for every run inside the block (see :mod:`mechkit.models.splice`).
+
+        Its parts become sites ``<site>.<name>.<part>`` (e.g. ``blocks.3.resid_post.sae.latents``).
+        ``name`` defaults to ``module.splice_name``, else ``"sae"`` for encode/decode modules and
+        ``"splice"`` otherwise. Removed on exit, always.
+        """
+        host = self._splice_host(site)
+        from mechkit.models.splice import is_sae_like, splice_parts
+
+        name = name or getattr(module, "splice_name", None) or ("sae" if is_sae_like(module) else "splice")
+        splice_parts(module)  # refuses modules that cannot be spliced, before anything is installed
+        if any(s.host == host and s.name == name for s in self._splices):
+            raise MechkitError(f"a module is already spliced at {host} as {name!r}; choose another name")
+        entry = Splice(host, name, module, keep_error)
+        Site(host.kind, host.layer, splice=f"{name}.in")  # validates the name
+        self._splices.append(entry)
+        try:
+            yield entry
+        finally:
+            _remove_by_identity(self._splices, entry)
+
+    def _splice_host(self, site: str | Site) -> Site:
+        hosts = self.resolve(site)
+        if len(hosts) != 1 or hosts[0].head is not None or hosts[0].expert is not None or hosts[0].splice:
+            raise MechkitError(f"splice at exactly one whole site (e.g. 'blocks.3.resid_post'), got {site!r}")
+        if (reason := self._writable(hosts[0])) is not None:
+            raise SiteNotSupportedError(f"cannot splice at {hosts[0]}: {reason}")
+        return hosts[0]
 
     def gradients(
         self,
         inputs: Any,
         sites: SiteSpec,
-        metric: Callable[[Tensor, Batch], Tensor],
+        metric: Callable[..., Tensor],
         *,
         interventions: Mapping[str | Site, Any] | None = None,
+        metric_sites: SiteSpec | None = None,
     ) -> GradientResult:
-        """d metric / d activation at ``sites`` (one forward, one backward; parameters get no .grad)."""
+        """d metric / d activation at ``sites`` (one forward, one backward; parameters get no .grad).
+
+        ``metric(logits, batch)`` or ``metric(logits, cache, batch)`` returns a scalar; ``cache``
+        holds ``sites`` and ``metric_sites`` with their graph, so a probe score or a mid-layer
+        quantity can be the metric. Sum over examples for per-example gradients in one pass.
+        """
         batch = self.to_tokens(inputs)
         read = self.resolve(sites)
-        logits, acts = self._execute(batch, read, self._writes(interventions or {}), grad=True)
-        value = metric(logits, batch)
-        if not isinstance(value, Tensor) or not value.requires_grad:
-            raise MechkitError("metric(logits, batch) must return a tensor computed from the logits")
-        order = list(acts)
-        grads = torch.autograd.grad(value.sum(), [acts[s] for s in order], allow_unused=True)
-        grads = [torch.zeros_like(acts[s]) if g is None else g for s, g in zip(order, grads)]
-        detached = {s: t.detach() for s, t in acts.items()}
+        extra = [s for s in (self.resolve(metric_sites) if metric_sites is not None else []) if s not in read]
+        logits, parts, acts = self._forward(batch, [*read, *extra], self._writes(interventions or {}), grad=True)
+
+        def value_of(site: Site) -> Tensor:
+            return parts[site] if site.splice is not None else narrow(acts[site.base], site)
+
+        value = _scalar_metric(metric, logits, self._cache({s: value_of(s) for s in [*read, *extra]}, batch, []), batch)
+        # differentiate w.r.t. whole tensors on the forward path, then narrow (a slice is not on the path)
+        targets = list(dict.fromkeys(s if s.splice is not None else s.base for s in read))
+        found = torch.autograd.grad(value, [parts[t] if t.splice else acts[t] for t in targets], allow_unused=True)
+        wrt = {t: torch.zeros_like(parts[t] if t.splice else acts[t]) if g is None else g
+               for t, g in zip(targets, found)}
+        grads = {s: wrt[s] if s.splice is not None else narrow(wrt[s.base], s) for s in read}
         return GradientResult(
             value=value.detach(),
             logits=logits.detach(),
-            activations=self._cache(detached, batch, read),
-            grads=self._cache(dict(zip(order, grads)), batch, read),
+            activations=self._cache({s: value_of(s).detach() for s in read}, batch, read),
+            grads=self._cache(grads, batch, read),
         )
 
     # -- internals ----------------------------------------------------------------------------
-    def _writes(self, interventions: Mapping[str | Site, Any]) -> dict[Site, list[tuple[Site, Any]]]:
+    def _writes(self, interventions: Mapping[str | Site, Any]) -> dict[Site, Items]:
         """Group interventions by base site; narrowed sites (heads/experts) become slice edits."""
         if not isinstance(interventions, Mapping):
             raise TypeError("interventions must be a mapping {site: intervention}")
-        grouped: dict[Site, list[tuple[Site, Any]]] = {}
+        grouped: dict[Site, Items] = {}
         for spec, iv in interventions.items():
             for site in self.resolve(spec):
                 if not callable(iv):
-                    raise TypeError(f"intervention for {site} must be callable(act, site), got {type(iv).__name__}")
-                if (reason := self._writable(site.base)) is not None:
+                    raise TypeError(f"intervention for {site} must be callable, got {type(iv).__name__}")
+                if site.splice is None and (reason := self._writable(site.base)) is not None:
                     raise SiteNotSupportedError(f"cannot intervene on {site}: {reason}")
                 grouped.setdefault(site.base, []).append((site, iv))
         return grouped
 
     def _execute(
-        self, batch: Batch, read: Sequence[Site], writes: Mapping[Site, list], grad: bool
+        self, batch: Batch, read: Sequence[Site], writes: Mapping[Site, Items], grad: bool
     ) -> tuple[Tensor, dict[Site, Tensor]]:
-        merged: dict[Site, list] = {}
+        """One forward pass; returns logits and ``{site: tensor}`` for every site in ``read``."""
+        logits, parts, acts = self._forward(batch, read, writes, grad)
+        return logits, {s: parts[s] if s.splice is not None else narrow(acts[s.base], s) for s in read}
+
+    def _forward(
+        self, batch: Batch, read: Sequence[Site], writes: Mapping[Site, Items], grad: bool
+    ) -> tuple[Tensor, dict[Site, Tensor], dict[Site, Tensor]]:
+        """Logits, splice-part values and whole (un-narrowed) site tensors of one forward pass."""
+        self._check_tokens(batch)
+        merged: dict[Site, Items] = {}
         for group in [*self._context_writes, writes]:
-            for base, items in group.items():
-                merged.setdefault(base, []).extend(items)
-        write_fns = {base: _compose(items) for base, items in merged.items()}
-        bases = list(dict.fromkeys(s.base for s in read))
+            for site, items in group.items():
+                merged.setdefault(site, []).extend(items)
+        part_reads = [s for s in read if s.splice is not None]
+        edits = RunEdits(merged, list(self._splices), part_reads, RunContext(batch.attention_mask), grad)
+        bases = list(dict.fromkeys(s.base for s in read if s.splice is None))
         with torch.set_grad_enabled(grad):
-            logits, acts = self._run(batch, bases, write_fns, grad)
-        missing = [s for s in bases if s not in acts]
-        if missing:
-            raise MechkitError(f"sites {', '.join(map(str, missing))} did not fire during the forward pass")
-        return logits, {s: narrow(acts[s.base], s) for s in read}
+            logits, acts = self._run(batch, bases, edits.write_fns, grad)
+        if not getattr(self, "remote_mode", False):  # remote edits run on the server, out of sight
+            _check_fired(edits, [*bases, *part_reads], {**acts, **edits.parts})
+        return logits, edits.parts, acts
+
+    def _check_tokens(self, batch: Batch) -> None:
+        ids, info = batch.input_ids, self.info
+        if info.n_ctx is not None and batch.shape[1] > info.n_ctx:
+            raise MechkitError(
+                f"the input has {batch.shape[1]} tokens but {info.name} has a context of {info.n_ctx} positions; "
+                "truncate or split the prompts"
+            )
+        if info.vocab_size is None or ids.is_floating_point() or ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= info.vocab_size:
+            bad = low if low < 0 else high
+            raise MechkitError(
+                f"token id {bad} is outside the vocabulary of {info.name} (ids must be in 0–{info.vocab_size - 1}); "
+                "were the ids made by another tokenizer?"
+            )
 
     def _cache(self, acts: dict[Site, Tensor], batch: Batch, read: Sequence[Site]) -> ActivationCache:
         record = provenance(self, read, input_shape=list(batch.input_ids.shape))
         return ActivationCache(acts, record, batch.attention_mask)
 
 
-def _compose(items: list[tuple[Site, Any]]) -> WriteFn:
-    def apply(act: Tensor) -> Tensor:
-        for site, iv in items:
-            if site.head is None and site.expert is None:
-                act = iv(act, site)
-            else:
-                act = widen(act, site, iv(narrow(act, site), site))
-        return act
+def _check_fired(edits: RunEdits, bases: list[Site], acts: Mapping[Site, Tensor]) -> None:
+    silent = edits.not_fired()
+    if silent:
+        raise MechkitError(
+            f"intervention at {', '.join(map(str, silent))} never ran: the forward pass did not reach that site "
+            "(a module: path that is not on the forward path, or a splice part the module did not tap)"
+        )
+    missing = [s for s in bases if s not in acts]
+    if missing:
+        raise MechkitError(f"sites {', '.join(map(str, missing))} did not fire during the forward pass")
 
-    return apply
+
+def _scalar_metric(metric: Callable[..., Tensor], logits: Tensor, cache: ActivationCache, batch: Batch) -> Tensor:
+    value = metric(logits, cache, batch) if _arity(metric) >= 3 else metric(logits, batch)
+    if not isinstance(value, Tensor) or not value.requires_grad:
+        raise MechkitError(
+            "the metric must return a tensor computed from the logits or the cached sites "
+            f"(got {type(value).__name__}{'' if not isinstance(value, Tensor) else ' without a graph'})"
+        )
+    if value.numel() != 1:
+        raise MechkitError(
+            f"the metric returned shape {tuple(value.shape)}; return a scalar — e.g. .sum() over the batch, "
+            "which gives every example its own gradient in one pass"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise MechkitError(f"the metric is {float(value)}; gradients of a non-finite value are meaningless")
+    return value.reshape(())
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _as_list(specs: Any) -> list[Any]:
+    try:
+        return list(specs)
+    except TypeError:
+        return [specs]  # a lone int or other non-site, reported by resolve
+
+
+def _remove_by_identity(items: list, entry: Any) -> None:
+    for i, item in enumerate(items):
+        if item is entry:
+            del items[i]
+            return
+
+
+__all__ = ["GradientResult", "Model", "ModelInfo", "Run", "SiteSpec", "WriteFn"]

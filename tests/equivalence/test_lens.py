@@ -139,7 +139,7 @@ def test_read_only_sites_refuse_writes(pair):
     flavour, arch, _, _, lens = pair
     for kind, reason in READ_ONLY.get((flavour, arch), {}).items():
         with pytest.raises(SiteNotSupportedError, match="cannot intervene") as err:
-            lens.run_with_interventions(tiny_ids(), {f"blocks.0.{kind}": Zero()})
+            lens.run_with_interventions(tiny_ids(), {f"blocks.0.{kind}": Zero()}).logits
         assert reason in str(err.value)
         lens.run_with_cache(tiny_ids(), f"blocks.0.{kind}")  # still readable
     writable = {s.kind for s in lens.sites if lens._writable(s) is None}
@@ -161,9 +161,9 @@ def test_interventions_equal_the_reference(pair):
         {"blocks.0.attn.v": Scale(factor=0.5, heads=0), "blocks.1.resid_pre": Add(vector=torch.ones(32), positions=-1)},
     ]
     for iv in interventions:
-        expected = ref.run_with_interventions(ids, iv)
+        expected = ref.run_with_interventions(ids, iv).logits
         assert not torch.allclose(expected, ref(ids))
-        torch.testing.assert_close(lens.run_with_interventions(ids, iv), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lens.run_with_interventions(ids, iv).logits, expected, atol=ATOL, rtol=0)
         with lens.intervene(iv):
             torch.testing.assert_close(lens(ids), expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(lens(ids), ref(ids), atol=ATOL, rtol=0)
@@ -183,8 +183,8 @@ def test_a_write_at_every_site_equals_the_reference(pair):
         if site.kind in REFERENCE_PARTIAL and arch != "bert":
             continue  # test_resid_mid_writes_reach_the_residual_stream
         iv = {site: Apply(fn=noise)}
-        expected = ref.run_with_interventions(ids, iv)
-        torch.testing.assert_close(lens.run_with_interventions(ids, iv), expected, atol=ATOL, rtol=0, msg=str(site))
+        expected = ref.run_with_interventions(ids, iv).logits
+        torch.testing.assert_close(lens.run_with_interventions(ids, iv).logits, expected, atol=ATOL, rtol=0, msg=str(site))
 
 
 def test_pattern_writes_reach_the_attention_output(pair):
@@ -196,8 +196,8 @@ def test_pattern_writes_reach_the_attention_output(pair):
     ids = tiny_ids()
     for layer in range(lens.info.n_layers):
         for pattern_iv, z_iv in [(Zero(), Zero()), (Scale(factor=0.25), Scale(factor=0.25))]:
-            got = lens.run_with_interventions(ids, {f"blocks.{layer}.attn.pattern.h2": pattern_iv})
-            expected = ref.run_with_interventions(ids, {f"blocks.{layer}.attn.z.h2": z_iv})
+            got = lens.run_with_interventions(ids, {f"blocks.{layer}.attn.pattern.h2": pattern_iv}).logits
+            expected = ref.run_with_interventions(ids, {f"blocks.{layer}.attn.z.h2": z_iv}).logits
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -208,8 +208,8 @@ def test_resid_mid_writes_reach_the_residual_stream(pair):
         pytest.skip("post-LN / parallel residual, or resid_mid read-only here")
     delta = torch.linspace(-1, 1, 32)
     for layer in range(lens.info.n_layers):
-        got = lens.run_with_interventions(tiny_ids(), {f"blocks.{layer}.resid_mid": Add(vector=delta)})
-        expected = ref.run_with_interventions(tiny_ids(), {f"blocks.{layer}.attn.out": Add(vector=delta)})
+        got = lens.run_with_interventions(tiny_ids(), {f"blocks.{layer}.resid_mid": Add(vector=delta)}).logits
+        expected = ref.run_with_interventions(tiny_ids(), {f"blocks.{layer}.attn.out": Add(vector=delta)}).logits
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -249,7 +249,7 @@ def test_no_hooks_remain_after_runs_and_exceptions(pair):
     lens.run_with_cache(tiny_ids(), "*")
     lens.gradients(tiny_ids(), "blocks.0.resid_post", lambda logits, batch: logits.sum())
     with pytest.raises(RuntimeError, match="boom"):
-        lens.run_with_interventions(tiny_ids(), {"blocks.0.mlp.out": Apply(fn=lambda a, s: _boom())})
+        lens.run_with_interventions(tiny_ids(), {"blocks.0.mlp.out": Apply(fn=lambda a, s: _boom())}).logits
     with pytest.raises(RuntimeError, match="boom"), lens.intervene({"blocks.1.resid_post": Zero()}):
         lens.run_with_cache(tiny_ids(), "blocks.0.resid_pre")
         _boom()
@@ -265,7 +265,7 @@ def test_the_callers_own_tl_hooks_survive(pair):
     try:
         lens.run_with_cache(tiny_ids(), "blocks.0.resid_post")
         with pytest.raises(RuntimeError, match="boom"):
-            lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Apply(fn=lambda a, s: _boom())})
+            lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Apply(fn=lambda a, s: _boom())}).logits
         assert tl_hooks(lens) > 0
         lens.run_with_cache(tiny_ids(), "blocks.1.resid_post")
         assert len(calls) == 3
@@ -282,7 +282,7 @@ def test_callers_hf_model_is_left_unchanged():
     before = mechkit.load(hf).parameters_fingerprint()
     modules_before = [(n, type(m)) for n, m in hf.named_modules()]
     lens = LensModel.from_hf(hf)
-    lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero()})
+    lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero()}).logits
     assert [(n, type(m)) for n, m in hf.named_modules()] == modules_before
     assert mechkit.load(hf).parameters_fingerprint() == before
 
@@ -327,7 +327,7 @@ def test_ungrouped_gqa_keys_and_values_keep_their_kv_heads():
         assert b[site].shape[2] == 2
         torch.testing.assert_close(b[site], a[site], atol=ATOL, rtol=0)
     iv = {"blocks.0.attn.k.h1": Zero(), "blocks.1.attn.v": Scale(factor=0.5, heads=0)}
-    torch.testing.assert_close(lens.run_with_interventions(ids, iv), ref.run_with_interventions(ids, iv),
+    torch.testing.assert_close(lens.run_with_interventions(ids, iv).logits, ref.run_with_interventions(ids, iv).logits,
                                atol=ATOL, rtol=0)
     g_ref = ref.gradients(ids, "blocks.0.attn.v", lambda logits, batch: logits[:, -1, 3].sum())
     g_lens = lens.gradients(ids, "blocks.0.attn.v", lambda logits, batch: logits[:, -1, 3].sum())

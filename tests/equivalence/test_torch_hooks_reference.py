@@ -126,8 +126,8 @@ def test_gradients_match_finite_differences():
         act, grad = result.activations[name], result.grads[name]
         direction = torch.randn_like(act)
         eps = 1e-6
-        plus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act + eps * direction)})
-        minus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act - eps * direction)})
+        plus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act + eps * direction)}).logits
+        minus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act - eps * direction)}).logits
         numeric = (metric(plus, None) - metric(minus, None)) / (2 * eps)
         torch.testing.assert_close((grad * direction).sum(), numeric, atol=1e-6, rtol=1e-5)
     assert all(p.grad is None for p in hf.parameters())

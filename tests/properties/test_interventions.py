@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mechkit
+from mechkit.selection import RunContext
 from mechkit.interventions import (
     Add,
     Apply,
@@ -38,10 +39,10 @@ def test_patching_every_site_with_itself_changes_nothing(model):
     ids = tiny_ids()
     logits, cache = model.run_with_cache(ids, "*")
     writable = [s for s in cache if model._writable(s) is None]
-    patched = model.run_with_interventions(ids, {s: Replace(source=cache) for s in writable})
+    patched = model.run_with_interventions(ids, {s: Replace(source=cache) for s in writable}).logits
     assert torch.equal(patched, logits)
     for site in writable:  # one at a time too: no site's write path perturbs the forward
-        assert torch.equal(model.run_with_interventions(ids, {site: Replace(source=cache)}), logits), site
+        assert torch.equal(model.run_with_interventions(ids, {site: Replace(source=cache)}).logits, logits), site
 
 
 def test_no_analysis_changes_the_weights(model):
@@ -50,7 +51,7 @@ def test_no_analysis_changes_the_weights(model):
     _, cache = model.run_with_cache(ids, "*")
     sites = [s for s in model.resolve("blocks.0.*") if model._writable(s) is None]
     for iv in (Zero(), Scale(factor=3.0), Mean(), Resample(seed=1), Replace(source=cache)):
-        model.run_with_interventions(ids, {s: iv for s in sites})
+        model.run_with_interventions(ids, {s: iv for s in sites}).logits
     model.gradients(ids, "blocks.*.resid_post", lambda logits, batch: logits[:, -1].logsumexp(-1).sum())
     with model.intervene({"blocks.0.resid_post": Zero()}):
         model(ids)
@@ -68,7 +69,7 @@ def test_no_hooks_remain_after_runs_and_errors():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        model.run_with_interventions(ids, {"blocks.1.mlp.out": Apply(fn=explode)})
+        model.run_with_interventions(ids, {"blocks.1.mlp.out": Apply(fn=explode)}).logits
     assert hook_count(model.module) == 0
     with pytest.raises(ValueError, match="inside"), model.intervene({"blocks.0.resid_post": Zero()}):
         model(ids)
@@ -93,9 +94,9 @@ def test_position_selection_respects_causality():
 def test_head_selection_equals_head_site():
     model = mechkit.load(tiny_hf_model("gpt2"))
     ids = tiny_ids()
-    a = model.run_with_interventions(ids, {"blocks.0.attn.z": Zero(heads=[2])})
-    b = model.run_with_interventions(ids, {"blocks.0.attn.z.h2": Zero()})
-    c = model.run_with_interventions(ids, {"blocks.0.attn.z": Zero(heads=[1])})
+    a = model.run_with_interventions(ids, {"blocks.0.attn.z": Zero(heads=[2])}).logits
+    b = model.run_with_interventions(ids, {"blocks.0.attn.z.h2": Zero()}).logits
+    c = model.run_with_interventions(ids, {"blocks.0.attn.z": Zero(heads=[1])}).logits
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -133,7 +134,7 @@ def test_selection_mask_equals_manual_indexing(pos, heads):
     act = torch.randn(2, 6, 4, 3)
     site = Site("attn.z", 0)
     selectors = {k: v for k, v in {"pos": pos, "head": heads}.items() if v is not None}
-    mask = selection_mask(act, site, selectors)
+    mask = selection_mask(act, site.axes, selectors, RunContext.dense(2, 6), site)
     expected = torch.zeros_like(act, dtype=torch.bool)
     p = slice(None) if pos is None else ([pos] if isinstance(pos, int) else pos)
     h = slice(None) if heads is None else heads
@@ -166,7 +167,7 @@ def test_any_module_by_path():
     out, cache = model.run_with_cache(x, ["module:0", "module:1"])
     torch.testing.assert_close(out, net(x))
     torch.testing.assert_close(cache["module:1"], torch.relu(net[0](x)))
-    ablated = model.run_with_interventions(x, {"module:1": Zero()})
+    ablated = model.run_with_interventions(x, {"module:1": Zero()}).logits
     torch.testing.assert_close(ablated, net[2].bias.expand(4, 5, 3))
     assert hook_count(net) == 0
     with pytest.raises(mechkit.errors.UnknownSiteError, match="nearest"):

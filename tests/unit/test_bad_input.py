@@ -42,27 +42,27 @@ CASES = [
     ("replacement of the wrong shape",
      lambda m: m.run_with_interventions(
          tiny_ids(seq=7), {"blocks.0.resid_post": Replace(source=torch.zeros(3, 5, 32))}
-     ),
-     MechkitError, "tokenize to the same length"),
+     ).logits,
+     MechkitError, "same batch size and sequence length"),
     ("selector on a missing axis",
-     lambda m: m.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero(heads=1)}),
+     lambda m: m.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero(heads=1)}).logits,
      MechkitError, "cannot be selected by 'head'"),
-    ("position out of range", lambda m: m.run_with_interventions(tiny_ids(seq=7), {"embed": Zero(positions=[9])}),
-     MechkitError, "out of range"),
-    ("intervention not callable", lambda m: m.run_with_interventions(tiny_ids(), {"embed": 3}), TypeError,
+    ("position out of range", lambda m: m.run_with_interventions(tiny_ids(seq=7), {"embed": Zero(positions=[9])}).logits,
+     MechkitError, "does not exist in row 0"),
+    ("intervention not callable", lambda m: m.run_with_interventions(tiny_ids(), {"embed": 3}).logits, TypeError,
      "must be callable"),
-    ("interventions not a mapping", lambda m: m.run_with_interventions(tiny_ids(), [Zero()]), TypeError,
+    ("interventions not a mapping", lambda m: m.run_with_interventions(tiny_ids(), [Zero()]).logits, TypeError,
      "must be a mapping"),
-    ("resample a single example", lambda m: m.run_with_interventions(tiny_ids(batch=1), {"embed": Resample()}),
+    ("resample a single example", lambda m: m.run_with_interventions(tiny_ids(batch=1), {"embed": Resample()}).logits,
      MechkitError, "at least 2 examples"),
     ("project-out of the wrong width",
-     lambda m: m.run_with_interventions(tiny_ids(), {"embed": ProjectOut(directions=torch.ones(5))}), MechkitError,
+     lambda m: m.run_with_interventions(tiny_ids(), {"embed": ProjectOut(directions=torch.ones(5))}).logits, MechkitError,
      "width 5"),
     ("metric not computed from logits",
      lambda m: m.gradients(tiny_ids(), "embed", lambda logits, batch: torch.tensor(1.0)), MechkitError,
      "computed from the logits"),
     ("replacement function changing the shape",
-     lambda m: m.run_with_interventions(tiny_ids(), {"embed": Apply(fn=lambda a, s: a[:, :2])}), MechkitError,
+     lambda m: m.run_with_interventions(tiny_ids(), {"embed": Apply(fn=lambda a, s: a[:, :2])}).logits, MechkitError,
      "has shape"),
 ]
 
@@ -87,7 +87,7 @@ def test_expert_out_of_range(mixed_moe):
 
 def test_router_logits_are_read_only(mixed_moe):
     with pytest.raises(SiteNotSupportedError, match=r"edit blocks\.L\.moe\.topk"):
-        mixed_moe.run_with_interventions(tiny_ids(), {"blocks.0.moe.router": Zero()})
+        mixed_moe.run_with_interventions(tiny_ids(), {"blocks.0.moe.router": Zero()}).logits
 
 
 def test_pattern_needs_eager_attention():
