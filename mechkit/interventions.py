@@ -377,14 +377,14 @@ def call_plain(fn: Callable[..., Any], act: Tensor, site: Site) -> Tensor:
 
 
 def _takes_site(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` requires a second positional argument (``fn(act, site)``)."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):  # builtins without signatures take the tensor only
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return True
-    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
 
 
 def _vector(value: Any) -> Tensor:

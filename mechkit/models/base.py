@@ -131,7 +131,10 @@ class Model:
                 hint = f"; for layer {spec} write e.g. 'blocks.{spec}.resid_post'" if isinstance(spec, int) else ""
                 raise TypeError(f"a site is a str or Site, got {type(spec).__name__} {spec!r}{hint}")
             self._check_one(spec)
-        return select(specs_list, [*self.sites, *self._splice_sites()])
+        parts = self._splice_sites()
+        rank = {site: i + 1 for i, site in enumerate(parts)}  # splice parts follow their module's order
+        chosen = select(specs_list, [*self.sites, *parts])
+        return sorted(chosen, key=lambda s: (s.host.sort_key() if s.splice else s.sort_key(), rank.get(s, 0)))
 
     def _splice_sites(self) -> list[Site]:
         return [site for splice in self._splices for site in splice.sites]
