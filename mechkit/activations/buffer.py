@@ -17,34 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.activations.shards import SHARD_PATTERN, ShardInfo, atomic_write_json, write_shard
-from mechkit.activations.store import FORMAT, MANIFEST, TOKENS
+from mechkit.activations.shards import SHARD_PATTERN, TOKENS, ShardInfo, write_shard
+from mechkit.activations.store import FORMAT, MANIFEST
+from mechkit.atomic import atomic_write_json
 from mechkit.errors import MechkitError, StoreError
-
-# Settings that must match to resume: any of them changes the tensors a run produces.
-RESUME_FIELDS = (
-    "model_fingerprint", "backend", "sites", "positions", "dtype", "batch_size", "token_budget",
-    "n_prompts", "prompts_sha256",
-)
-
-
-def config_mismatch(manifest: dict[str, Any], config: dict[str, Any]) -> str | None:
-    """A sentence naming every setting in which ``config`` differs from the store's, or None."""
-    problems = []
-    for field in RESUME_FIELDS:
-        old, new = manifest.get(field), config[field]
-        if old == new:
-            continue
-        if field == "model_fingerprint":
-            problems.append(
-                f"it was written by another model: {manifest.get('model')!r} (parameters fingerprint "
-                f"{str(old)[:12]}…), this is {config['model']!r} ({str(new)[:12]}…)"
-            )
-        elif field == "prompts_sha256":
-            problems.append("the prompt list differs (same length, other content)")
-        else:
-            problems.append(f"{field}: the store has {old!r}, this call has {new!r}")
-    return "; ".join(problems) or None
 
 
 class ShardBuffer:
@@ -72,8 +48,12 @@ class ShardBuffer:
         """Rows written plus rows buffered."""
         return int(self.manifest["tokens"]) + self.rows
 
-    def add(self, rows: dict[str, Tensor], end: int) -> bool:
-        """Buffer one batch's rows (covering prompts up to ``end``); True once the token budget is reached."""
+    def add(self, rows: dict[str, Tensor] | None, end: int) -> bool:
+        """Buffer one batch's rows (covering prompts up to ``end``; None when the batch kept no row);
+        True once the token budget is reached."""
+        if rows is None:
+            self.end = end
+            return False
         n = int(rows[TOKENS].shape[0])
         done = False
         if self.token_budget is not None and n >= self.token_budget - self.tokens:

@@ -12,54 +12,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mechkit.activations.buffer import ShardBuffer, config_mismatch
-from mechkit.activations.shards import SHARD_PATTERN, TMP_PREFIX, ShardInfo, atomic_write_json, clean_temp_files
-from mechkit.activations.store import (
-    DTYPES,
-    MANIFEST,
-    POSITION,
-    PROMPT,
-    TOKENS,
-    ActivationStore,
-    read_manifest,
-    shard_problem,
-)
-from mechkit.errors import MechkitError, StoreError
+from mechkit.activations.buffer import ShardBuffer
+from mechkit.activations.config import CollectConfig, Positions
+from mechkit.activations.resume import prepare
+from mechkit.activations.shards import POSITION, PROMPT, TOKENS
+from mechkit.activations.store import FORMAT, FORMAT_VERSION, ActivationStore
+from mechkit.errors import MechkitError
 from mechkit.models.base import Model, SiteSpec
 from mechkit.models.inputs import Batch
+from mechkit.provenance import provenance
 from mechkit.sites import Site
-
-Positions = Union[str, Sequence[int]]
 
 
 def collect(
     model: Model,
     prompts: Sequence[str] | Sequence[Sequence[int]] | Tensor,
-    sites: SiteSpec,
-    out_dir: str | Path,
+    sites: SiteSpec | None = None,
+    out_dir: str | Path | None = None,
     *,
-    positions: Positions = "all",
-    batch_size: int = 8,
-    token_budget: int | None = None,
-    ram_budget_mb: float = 256.0,
-    dtype: torch.dtype = torch.float32,
-    resume: bool = True,
-    progress: bool = True,
+    config: CollectConfig | None = None,
+    **options: Any,
 ) -> ActivationStore:
     """Run ``model`` over ``prompts`` and store one row per kept token and site in ``out_dir``.
 
-    ``prompts`` are texts (needs the model's tokenizer) or token-id rows. ``positions`` is
-    ``"all"`` (every real token), ``"last"`` (each prompt's last real token) or a list of indices
-    into each prompt's real tokens (negative counts from the end; indices a prompt does not reach
-    are skipped). Collection stops after ``token_budget`` rows.
+    ``prompts`` are texts (needs the model's tokenizer) or token-id rows. The settings are a
+    :class:`CollectConfig` — ``config=``, keyword ``options`` (its field names: ``positions``,
+    ``batch_size``, ``token_budget``, ``ram_budget_mb``, ``dtype``, ``resume``, ``progress``), or
+    both (options override the config); ``sites`` overrides ``config.sites``. See
+    :class:`CollectConfig` for what each one means.
 
     ``ram_budget_mb`` bounds the buffer of activation rows waiting to be written (a shard is at
     most that large). It does not cover the interpreter, the model, the transient tensors of one
@@ -68,48 +55,68 @@ def collect(
     ``resume=True`` continues an interrupted store written with the same model, backend, sites,
     positions, dtype, batch size, token budget and prompts (any of them changes the tensors), and
     re-collects from the first missing or damaged shard; ``resume=False`` refuses to touch an
-    existing store. A complete store with the same settings is returned without running the model.
+    existing store. A complete, undamaged store with the same settings is returned without running
+    the model.
     """
+    config = _settings(sites, config, options)
+    if out_dir is None:
+        raise MechkitError("collect needs out_dir: the folder the ActivationStore is written to")
     rows = _normalize_prompts(prompts)
-    _check_arguments(positions, batch_size, token_budget, ram_budget_mb, dtype)
-    chosen = model.resolve(sites)
+    chosen = model.resolve(list(config.sites))
     _check_per_token(chosen)
-    config = _config(model, chosen, positions, dtype, batch_size, token_budget, rows)
+    fields = _manifest_fields(model, chosen, config, rows)
     out = Path(out_dir)
-    manifest = _prepare(out, config, resume)
+    manifest = prepare(out, fields, config.resume)
     if manifest is not None and manifest["status"] == "complete":
         return ActivationStore(out)
-    buffer = ShardBuffer(out, manifest or config, int(ram_budget_mb * 2**20), token_budget)
-    _run(model, rows, chosen, positions, dtype, batch_size, buffer, progress)
+    buffer = ShardBuffer(out, manifest or fields, int(config.ram_budget_mb * 2**20), config.token_budget)
+    _run(model, rows, chosen, config, buffer)
     return ActivationStore(out)
 
 
-def _run(
-    model: Model, rows: list, sites: list[Site], positions: Positions, dtype: torch.dtype, batch_size: int,
-    buffer: ShardBuffer, progress: bool,
-) -> None:
+def _settings(sites: SiteSpec | None, config: CollectConfig | None, options: dict[str, Any]) -> CollectConfig:
+    if config is not None and not isinstance(config, CollectConfig):
+        raise TypeError(f"config must be a CollectConfig, got {type(config).__name__}")
+    given = options if sites is None else {**options, "sites": sites}
+    if config is None:
+        if "sites" not in given:
+            raise MechkitError(
+                "collect needs sites: pass e.g. sites=['blocks.0.resid_post'], or config=CollectConfig(sites=...)"
+            )
+        return CollectConfig.from_dict(given)
+    return config.replace(**given)
+
+
+def _run(model: Model, rows: list, sites: list[Site], config: CollectConfig, buffer: ShardBuffer) -> None:
     from tqdm.auto import tqdm
 
-    start = buffer.prompts_consumed
-    with tqdm(total=len(rows), initial=start, unit="prompt", desc="collect", disable=not progress) as bar:
-        for begin in range(start, len(rows), batch_size):
-            chunk = rows[begin : begin + batch_size]
-            done = buffer.add(_extract(model, chunk, sites, positions, dtype, begin), end=begin + len(chunk))
-            bar.update(len(chunk))
+    start, step, longest = buffer.prompts_consumed, config.batch_size, 0
+    with tqdm(total=len(rows), initial=start, unit="prompt", desc="collect", disable=not config.progress) as bar:
+        for begin in range(start, len(rows), step):
+            batch = model.to_tokens(rows[begin : begin + step])
+            longest = max(longest, int(batch.attention_mask.sum(-1).max()))
+            b, t = select_positions(batch, config.positions)
+            kept = _extract(model, batch, b, t, sites, config.torch_dtype, begin) if len(b) else None
+            done = buffer.add(kept, end=begin + len(batch.input_ids))  # a batch keeping no row needs no forward
+            bar.update(len(batch.input_ids))
             bar.set_postfix(tokens=buffer.tokens, refresh=False)
             if done:
                 break
+    if buffer.tokens == 0:
+        raise MechkitError(
+            f"no prompt reaches any of positions {list(config.positions)}: the longest has {longest} real tokens, "
+            f"so positions run from 0 to {longest - 1} (or -1 to -{longest} from the end). Ask for positions "
+            "within that range, or positions='last'"
+        )
     buffer.finish()
 
 
 # -- one batch ---------------------------------------------------------------------------------
 def _extract(
-    model: Model, chunk: list, sites: list[Site], positions: Positions, dtype: torch.dtype, begin: int
+    model: Model, batch: Batch, b: Tensor, t: Tensor, sites: list[Site], dtype: torch.dtype, begin: int
 ) -> dict[str, Tensor]:
-    """The kept rows of one batch: ``{site name: [rows, *site shape]}`` plus token/prompt/position columns."""
-    batch = model.to_tokens(chunk)
+    """The rows ``(b, t)`` of one batch: ``{site name: [rows, *site shape]}`` plus token/prompt/position columns."""
     _, cache = model.run_with_cache(batch, sites)
-    b, t = select_positions(batch, positions)
     out = {TOKENS: batch.input_ids[b, t], PROMPT: b + begin, POSITION: t}
     for site in sites:
         act = cache[site]
@@ -161,26 +168,6 @@ def _normalize_prompts(prompts: Any) -> list:
     raise TypeError("prompts must be all texts or all token-id lists, not a mix")
 
 
-def _check_arguments(
-    positions: Positions, batch_size: int, token_budget: int | None, ram_budget_mb: float, dtype: torch.dtype
-) -> None:
-    ok_positions = positions in ("all", "last") or (
-        isinstance(positions, (list, tuple))
-        and len(positions) > 0
-        and all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
-    )
-    if not ok_positions:
-        raise MechkitError(f"positions must be 'all', 'last' or a non-empty list of ints, got {positions!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise MechkitError(f"batch_size must be a positive int, got {batch_size!r}")
-    if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
-        raise MechkitError(f"token_budget must be a positive int or None, got {token_budget!r}")
-    if not isinstance(ram_budget_mb, (int, float)) or not ram_budget_mb > 0:
-        raise MechkitError(f"ram_budget_mb must be a positive number, got {ram_budget_mb!r}")
-    if dtype not in DTYPES.values():
-        raise MechkitError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}; got {dtype}")
-
-
 def _check_per_token(sites: list[Site]) -> None:
     for site in sites:
         axes = site.axes
@@ -191,78 +178,27 @@ def _check_per_token(sites: list[Site]) -> None:
             )
 
 
-def _config(
-    model: Model, sites: list[Site], positions: Positions, dtype: torch.dtype, batch_size: int,
-    token_budget: int | None, rows: list,
-) -> dict[str, Any]:
-    from mechkit import __version__
-    from mechkit.activations.store import FORMAT, FORMAT_VERSION
-
+def _manifest_fields(model: Model, sites: list[Site], config: CollectConfig, rows: list) -> dict[str, Any]:
+    """What the manifest records before any shard: identity, settings, provenance and config."""
     digest = hashlib.sha256()
     for row in rows:  # one prompt at a time: a long prompt list is never serialized whole
         digest.update(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+    record = provenance(model, sites)
+    settings = config.to_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "mechkit_version": __version__,
-        "model": model.info.name,
+        "mechkit_version": record["mechkit_version"],
+        "model": record["model"],
         "model_fingerprint": model.parameters_fingerprint(),
-        "backend": model.backend,
-        "sites": [str(s) for s in sites],
-        "positions": positions if isinstance(positions, str) else list(positions),
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "token_budget": token_budget,
+        "backend": record["backend"],
+        "sites": record["sites"],
+        "positions": settings["positions"],
+        "dtype": config.dtype,  # of the stored rows; the model's own dtype is provenance["dtype"]
+        "batch_size": config.batch_size,
+        "token_budget": config.token_budget,
         "n_prompts": len(rows),
         "prompts_sha256": digest.hexdigest(),
+        "provenance": record,
+        "config": settings,
     }
-
-
-# -- resuming ----------------------------------------------------------------------------------
-def _prepare(out: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """The manifest to continue from (None for a new store), after cleaning up a crashed run."""
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out} exists and is not a folder; choose another out_dir")
-    if not (out / MANIFEST).is_file():
-        others = [p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)] if out.exists() else []
-        if others:
-            raise StoreError(
-                f"{out} is not empty ({', '.join(sorted(others)[:3])}…) and holds no {MANIFEST}; "
-                "collect into a new or empty folder"
-            )
-        if out.exists():
-            clean_temp_files(out)
-        return None
-    if not resume:
-        raise StoreError(
-            f"{out} already holds an ActivationStore; pass resume=True to continue it, or delete the folder "
-            "or choose another out_dir to start afresh"
-        )
-    manifest = read_manifest(out)
-    if problem := config_mismatch(manifest, config):
-        raise StoreError(
-            f"the store at {out} was collected with other settings — {problem}. Pass the same arguments to "
-            "resume it, or collect into another out_dir"
-        )
-    clean_temp_files(out)
-    return _repair(out, manifest)
-
-
-def _repair(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Drop the first damaged shard and everything after it (they are re-collected), and orphans."""
-    shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
-    for i, shard in enumerate(shards):
-        problem = shard_problem(out, shard, manifest)
-        if problem is not None:
-            warnings.warn(
-                f"shard {shard.file} {problem}; re-collecting from prompt {shard.prompts[0]}", stacklevel=3
-            )
-            manifest = {**manifest, "shards": manifest["shards"][:i], "status": "partial",
-                        "tokens": sum(s.tokens for s in shards[:i]), "prompts_consumed": shard.prompts[0]}
-            atomic_write_json(out / MANIFEST, manifest)
-            break
-    listed = {s["file"] for s in manifest["shards"]}
-    for path in out.glob(SHARD_PATTERN.replace("{:05d}", "*")):
-        if path.name not in listed:  # written just before a crash, never recorded: re-collected
-            path.unlink()
-    return manifest

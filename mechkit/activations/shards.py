@@ -1,4 +1,4 @@
-"""Durable files for the activation store: streamed safetensors shards and atomic JSON.
+"""Durable shard files for the activation store: streamed, hashed, atomic safetensors writes.
 
 A shard is written straight from the buffered per-batch tensors into a temporary file in the
 store folder, hashed while it is written, fsynced and then renamed into place. Writing the
@@ -9,13 +9,10 @@ through ``safetensors.safe_open``, which validates the layout.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechkit.atomic import TMP_PREFIX, atomic_write, atomic_write_json, clean_temp_files, fsync_dir
+from mechkit.atomic import atomic_write
 
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+TOKENS, PROMPT, POSITION = "_tokens", "_prompt", "_position"  # site names never start with "_"
 _HASH_CHUNK = 1 << 22
 
 SAFETENSORS_DTYPES = {

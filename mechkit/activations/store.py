@@ -3,8 +3,10 @@
 Each shard holds, for the same token rows, one ``[rows, d]`` tensor per site plus the token id,
 prompt index and position of every row (so a feature can be traced back to text). The manifest
 lists the shards with their size and sha256; only shards it lists are part of the store. Reads are
-memory-mapped through ``safetensors.safe_open`` and load only what is asked for. Nothing is ever
-unpickled.
+memory-mapped through ``safetensors.safe_open`` and load only what is asked for; the first read of a
+shard in a process checks its sha256 (:mod:`mechkit.activations.integrity`). Nothing is ever
+unpickled. The manifest also records the collection's ``config`` (a :class:`CollectConfig`) and its
+``provenance`` (the keys of :func:`mechkit.provenance.provenance`).
 
 Fill a store with :func:`mechkit.activations.collect.collect`.
 """
@@ -21,28 +23,32 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from mechkit.activations.shards import ShardInfo, sha256_file
+from mechkit.activations.config import CollectConfig
+from mechkit.activations.integrity import REPAIR, shard_problem
+from mechkit.activations.shards import POSITION, PROMPT, TOKENS, ShardInfo
+from mechkit.config import torch_dtype
 from mechkit.errors import MechkitError, StoreError, UnknownSiteError
+from mechkit.provenance import MODEL_KEYS
 from mechkit.sites import Site, nearest_names
 
 MANIFEST = "manifest.json"
 FORMAT = "mechkit.activation_store"
-FORMAT_VERSION = 1
-TOKENS, PROMPT, POSITION = "_tokens", "_prompt", "_position"  # site names never start with "_"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-REPAIR = "delete it and re-run collect(..., resume=True) with the same arguments to rewrite it"
+FORMAT_VERSION = 1  # later additions ("provenance", "config") are optional keys: every version-1 store reads
+PROVENANCE_KEYS = ("mechkit_version", *MODEL_KEYS, "sites")
 
 
 class ActivationStore:
     """Read access to a collected store. ``store[site]`` is a lazy :class:`Column` of ``[tokens, d]`` rows.
 
     ``len(store)`` is the number of token rows; ``store.token_ids``, ``store.prompt_indices`` and
-    ``store.positions`` say where each row came from. ``verify=True`` checks every shard's sha256
-    on open (see :meth:`verify`).
+    ``store.positions`` say where each row came from. The first read of each shard in a process
+    checks its sha256, so damaged activations raise :class:`StoreError` instead of being served;
+    ``verify=True`` checks every shard on open (see :meth:`verify`).
     """
 
     def __init__(self, path: str | Path, *, verify: bool = False) -> None:
         self.path = Path(path)
+        self._root = self.path.resolve()
         self.manifest = read_manifest(self.path)
         self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
         self.sites = [Site.parse(s) for s in self.manifest["sites"]]
@@ -58,7 +64,27 @@ class ActivationStore:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.manifest["dtype"]]
+        """The dtype activations are stored in (the model's own dtype is ``provenance["dtype"]``)."""
+        return torch_dtype(self.manifest["dtype"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What produced the store, with the keys of :func:`mechkit.provenance.provenance`.
+
+        Stores written before provenance was recorded give None for architecture, dtype and
+        attention implementation.
+        """
+        recorded = self.manifest.get("provenance")
+        if recorded is not None:
+            return dict(recorded)
+        legacy = {k: self.manifest.get(k) for k in ("mechkit_version", "model", "backend", "sites")}
+        return dict.fromkeys(PROVENANCE_KEYS) | legacy
+
+    @property
+    def config(self) -> CollectConfig | None:
+        """The :class:`CollectConfig` of the collection (None for stores written before it was recorded)."""
+        recorded = self.manifest.get("config")
+        return None if recorded is None else CollectConfig.from_dict(recorded)
 
     @property
     def complete(self) -> bool:
@@ -135,24 +161,19 @@ class ActivationStore:
 
     # -- integrity --------------------------------------------------------------------------
     def verify(self) -> ActivationStore:
-        """Check every shard listed in the manifest: present, right size, readable, right sha256."""
+        """Check every shard listed in the manifest (present, right size, readable, right sha256), hashing
+        each again even if this process has read it before."""
         if len(self) != self.manifest.get("tokens"):
             raise StoreError(
                 f"{self.path / MANIFEST} is inconsistent: its shards hold {len(self)} tokens, it records "
                 f"{self.manifest.get('tokens')}; re-collect into a new folder"
             )
-        for i, shard in enumerate(self.shards):
-            self._check(i)
-            actual = sha256_file(self.path / shard.file)
-            if actual != shard.sha256:
-                raise StoreError(
-                    f"shard {shard.file} in {self.path} is corrupted: its sha256 is {actual[:12]}…, the manifest "
-                    f"recorded {shard.sha256[:12]}…; {REPAIR}"
-                )
+        for i in range(len(self.shards)):
+            self._check(i, rehash=True)
         return self
 
-    def _check(self, i: int) -> None:
-        problem = shard_problem(self.path, self.shards[i], self.manifest)
+    def _check(self, i: int, rehash: bool = False) -> None:
+        problem = shard_problem(self._root, self.shards[i], self.manifest, rehash=rehash)
         if problem is not None:
             raise StoreError(f"shard {self.shards[i].file} in {self.path} {problem}; {REPAIR}")
 
@@ -288,30 +309,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"{file} is not a mechkit activation-store manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(
-            f"{file} has store format version {manifest.get('format_version')}; this mechkit reads version "
-            f"{FORMAT_VERSION}. Re-collect with this version of mechkit"
+            f"{file} has store format version {manifest.get('format_version')!r}; this mechkit reads version "
+            f"{FORMAT_VERSION}. Read it with the mechkit version that wrote it (manifest 'mechkit_version': "
+            f"{manifest.get('mechkit_version')!r}), or re-collect it with this one"
         )
     missing = [k for k in ("shards", "sites", "dtype", "d", "status", "model") if k not in manifest]
     if missing:
         raise StoreError(f"{file} lacks the fields {missing}; it was not written by mechkit's collect")
     return manifest
-
-
-def shard_problem(folder: Path, shard: ShardInfo, manifest: dict[str, Any]) -> str | None:
-    """Cheap check (existence, size, header) of one shard; a description of the problem or None."""
-    file = folder / shard.file
-    if not file.is_file():
-        return "is missing"
-    size = file.stat().st_size
-    if size != shard.bytes:
-        return f"has {size} bytes but the manifest recorded {shard.bytes} (truncated or overwritten)"
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        return f"has an unreadable safetensors header ({exc})"
-    expected = {TOKENS: [shard.tokens], PROMPT: [shard.tokens], POSITION: [shard.tokens]}
-    expected |= {s: [shard.tokens, int(manifest["d"][s])] for s in manifest["sites"]}
-    if {k: list(v) for k, v in shapes.items()} != expected:
-        return f"holds tensors {shapes}, not the {expected} the manifest describes"
-    return None

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mechkit.zoo.tasks import TaskSet
+from mechkit.tasks import TaskSet
 
 SETS = ("ioi_real", "colored_objects_real", "capitals_real", "city_truth_real")
 TRUTH_FORMAT = "Is the following statement true or false?\n{statement}\nAnswer:"

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechkit.zoo.recipes import loop
-from mechkit.zoo.recipes.common import ModArithTask
+from mechkit.tasks.modarith import ModArithTask
+from mechkit.zoo.recipes import grok
 
 NAME = "modadd-grok"
 SEED = 0
 
 
-def spec(*, steps: int | None = None, smoke: bool = False) -> loop.RunSpec:
+def spec(*, steps: int | None = None, smoke: bool = False) -> grok.RunSpec:
     """The run settings (``smoke``: a tiny model and a few steps, for CI)."""
     if smoke:
         task = ModArithTask(p=11, ops=("+",), train_frac=0.3, seed=SEED)
@@ -40,7 +40,7 @@ def spec(*, steps: int | None = None, smoke: bool = False) -> loop.RunSpec:
         tie_word_embeddings=False,
         **model,
     )
-    return loop.RunSpec(
+    return grok.RunSpec(
         name=NAME,
         recipe=__name__,
         task=task,
@@ -66,10 +66,10 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict:
-    """Train (or resume an interrupted run) into ``out``; returns the card (see :mod:`loop`)."""
-    return loop.train(spec(steps=steps, smoke=smoke), Path(out), progress=progress, stop_after=stop_after)
+    """Train (or resume an interrupted run) into ``out``; returns the card (see :mod:`mechkit.zoo.recipes.grok`)."""
+    return grok.train(spec(steps=steps, smoke=smoke), Path(out), progress=progress, stop_after=stop_after)
 
 
 def evaluate(path: Path) -> dict:
     """Train/test accuracy and loss of the model (or checkpoint) folder ``path``."""
-    return loop.evaluate(Path(path))
+    return grok.evaluate(Path(path))
