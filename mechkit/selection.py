@@ -157,10 +157,10 @@ def alignment(positions: Index) -> str:
         return "end"
     if isinstance(positions, int) and not isinstance(positions, bool):
         return "end" if positions < 0 else "start"
-    if isinstance(positions, Sequence) and not isinstance(positions, str) and positions:
-        if all(isinstance(p, int) and p < 0 for p in positions):
-            return "end"
-    return "start"
+    negative = isinstance(positions, Sequence) and not isinstance(positions, str) and bool(positions) and all(
+        isinstance(p, int) and p < 0 for p in positions
+    )
+    return "end" if negative else "start"
 
 
 def aligned_positions(target: RunContext, source: RunContext, how: str) -> tuple[Tensor, Tensor]:

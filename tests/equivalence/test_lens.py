@@ -139,7 +139,7 @@ def test_read_only_sites_refuse_writes(pair):
     flavour, arch, _, _, lens = pair
     for kind, reason in READ_ONLY.get((flavour, arch), {}).items():
         with pytest.raises(SiteNotSupportedError, match="cannot intervene") as err:
-            lens.run_with_interventions(tiny_ids(), {f"blocks.0.{kind}": Zero()}).logits
+            lens.run_with_interventions(tiny_ids(), {f"blocks.0.{kind}": Zero()})
         assert reason in str(err.value)
         lens.run_with_cache(tiny_ids(), f"blocks.0.{kind}")  # still readable
     writable = {s.kind for s in lens.sites if lens._writable(s) is None}
@@ -184,7 +184,8 @@ def test_a_write_at_every_site_equals_the_reference(pair):
             continue  # test_resid_mid_writes_reach_the_residual_stream
         iv = {site: Apply(fn=noise)}
         expected = ref.run_with_interventions(ids, iv).logits
-        torch.testing.assert_close(lens.run_with_interventions(ids, iv).logits, expected, atol=ATOL, rtol=0, msg=str(site))
+        got = lens.run_with_interventions(ids, iv).logits
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=str(site))
 
 
 def test_pattern_writes_reach_the_attention_output(pair):
@@ -249,7 +250,7 @@ def test_no_hooks_remain_after_runs_and_exceptions(pair):
     lens.run_with_cache(tiny_ids(), "*")
     lens.gradients(tiny_ids(), "blocks.0.resid_post", lambda logits, batch: logits.sum())
     with pytest.raises(RuntimeError, match="boom"):
-        lens.run_with_interventions(tiny_ids(), {"blocks.0.mlp.out": Apply(fn=lambda a, s: _boom())}).logits
+        lens.run_with_interventions(tiny_ids(), {"blocks.0.mlp.out": Apply(fn=lambda a, s: _boom())})
     with pytest.raises(RuntimeError, match="boom"), lens.intervene({"blocks.1.resid_post": Zero()}):
         lens.run_with_cache(tiny_ids(), "blocks.0.resid_pre")
         _boom()
@@ -265,7 +266,7 @@ def test_the_callers_own_tl_hooks_survive(pair):
     try:
         lens.run_with_cache(tiny_ids(), "blocks.0.resid_post")
         with pytest.raises(RuntimeError, match="boom"):
-            lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Apply(fn=lambda a, s: _boom())}).logits
+            lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Apply(fn=lambda a, s: _boom())})
         assert tl_hooks(lens) > 0
         lens.run_with_cache(tiny_ids(), "blocks.1.resid_post")
         assert len(calls) == 3
@@ -282,7 +283,7 @@ def test_callers_hf_model_is_left_unchanged():
     before = mechkit.load(hf).parameters_fingerprint()
     modules_before = [(n, type(m)) for n, m in hf.named_modules()]
     lens = LensModel.from_hf(hf)
-    lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero()}).logits
+    lens.run_with_interventions(tiny_ids(), {"blocks.0.resid_post": Zero()})
     assert [(n, type(m)) for n, m in hf.named_modules()] == modules_before
     assert mechkit.load(hf).parameters_fingerprint() == before
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mechkit
+from mechkit.interventions import Replace
 from tests.conftest import ARCHS, MOE_ARCHS, tiny_hf_model, tiny_ids
 
 ATOL = 1e-5
@@ -126,8 +127,8 @@ def test_gradients_match_finite_differences():
         act, grad = result.activations[name], result.grads[name]
         direction = torch.randn_like(act)
         eps = 1e-6
-        plus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act + eps * direction)}).logits
-        minus = model.run_with_interventions(ids, {name: mechkit.interventions.Replace(source=act - eps * direction)}).logits
+        plus = model.run_with_interventions(ids, {name: Replace(source=act + eps * direction)})[0]
+        minus = model.run_with_interventions(ids, {name: Replace(source=act - eps * direction)})[0]
         numeric = (metric(plus, None) - metric(minus, None)) / (2 * eps)
         torch.testing.assert_close((grad * direction).sum(), numeric, atol=1e-6, rtol=1e-5)
     assert all(p.grad is None for p in hf.parameters())

@@ -49,9 +49,9 @@ def test_nested_and_interleaved_contexts_unwind(model):
 def test_contexts_unwind_on_exceptions(model):
     ids = tiny_ids()
     clean = model(ids)
-    with pytest.raises(RuntimeError, match="boom"):
-        with model.intervene({SITE: Zero()}), model.splice(SITE, nn.Identity(), name="id"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), model.intervene({SITE: Zero()}), \
+            model.splice(SITE, nn.Identity(), name="id"):
+        raise RuntimeError("boom")
     assert model._context_writes == [] and model._splices == []
     torch.testing.assert_close(model(ids), clean, atol=0, rtol=0)
 
@@ -189,8 +189,10 @@ def test_fitted_artifacts_plug_in_without_lambdas(model):
 
 
 @pytest.mark.parametrize("description, call, fragment", [
-    ("callable returns None", lambda m: m.run_with_interventions(tiny_ids(), {SITE: lambda a: None}), "returned NoneType"),
-    ("callable wrong shape", lambda m: m.run_with_interventions(tiny_ids(), {SITE: lambda a: a[:, :2]}), "returned shape"),
+    ("callable returns None", lambda m: m.run_with_interventions(tiny_ids(), {SITE: lambda a: None}),
+     "returned NoneType"),
+    ("callable wrong shape", lambda m: m.run_with_interventions(tiny_ids(), {SITE: lambda a: a[:, :2]}),
+     "returned shape"),
     ("NaN edit", lambda m: m.run_with_interventions(tiny_ids(), {SITE: lambda a: a / 0}), "NaN/inf"),
     ("token id too large", lambda m: m(torch.tensor([[1, 2, 500]])), "outside the vocabulary"),
     ("negative token id", lambda m: m(torch.tensor([[1, -2]])), "outside the vocabulary"),
