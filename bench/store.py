@@ -16,6 +16,9 @@ freed heap memory is kept and reused unevenly, which makes single runs noisy (te
 runs are repeated with ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, so that freed blocks go back to
 the system and RSS follows live memory.
 
+Reads: shuffled batches, single rows, ``verify()``, and the cost of the sha256 check each shard
+gets the first time a process reads it (an epoch and a row read with and without it).
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/store.py --budget-mb 64 --tokens 100000
 """
 
@@ -39,6 +42,7 @@ import torch
 import transformers
 
 import mechkit
+from mechkit.activations import integrity
 from mechkit.activations.collect import collect
 
 N_LAYERS, D_MODEL, N_HEADS, VOCAB, SEQ = 4, 256, 8, 5000, 128
@@ -98,18 +102,46 @@ def child(mode: str, args: argparse.Namespace) -> dict[str, float]:
             store = collect(model, prompts, SITES, root / "store", batch_size=args.batch_size,
                             ram_budget_mb=args.budget_mb, progress=False)
             elapsed = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows = sum(len(b) for b in store.batches(SITES[-1], 4096, buffer_shards=2))
-        read_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store.verify()
-        verify_s = time.perf_counter() - t0
+        reads = read_costs(store)
     finally:
         shutil.rmtree(root)
-    written = sum(s.bytes for s in store.shards)
-    return {"baseline": baseline, "growth": peak.peak - baseline, "written": written, "shards": len(store.shards),
-            "tokens": len(store), "seconds": elapsed, "read_rows_s": rows / read_s,
-            "verify_mb_s": written / MB / verify_s}
+    return {"baseline": baseline, "growth": peak.peak - baseline, "written": store_bytes(store),
+            "shards": len(store.shards), "tokens": len(store), "seconds": elapsed, **reads}
+
+
+def store_bytes(store: mechkit.ActivationStore) -> int:
+    return sum(s.bytes for s in store.shards)
+
+
+def read_costs(store: mechkit.ActivationStore) -> dict[str, float]:
+    """Read timings with and without the first-read sha256 check of each shard.
+
+    The first read of a shard in a process hashes the whole file (all sites); later reads do not.
+    Forgetting the verified shards stands in for a fresh process. The files were just written, so
+    they are in the page cache for every read: the differences are the hashing itself.
+    """
+
+    def epoch() -> float:
+        t0 = time.perf_counter()
+        for _ in store.batches(SITES[-1], 4096, buffer_shards=2):
+            pass
+        return time.perf_counter() - t0
+
+    def one_row_per_shard() -> float:
+        column, t0 = store[SITES[0]], time.perf_counter()
+        for start in store._offsets[:-1]:
+            column[start]
+        return (time.perf_counter() - t0) / len(store.shards)
+
+    integrity._verified.clear()
+    epoch_first, epoch_later = epoch(), epoch()
+    integrity._verified.clear()
+    row_first, row_later = one_row_per_shard(), one_row_per_shard()
+    t0 = time.perf_counter()
+    store.verify()
+    verify_s = time.perf_counter() - t0
+    return {"epoch_first_s": epoch_first, "epoch_later_s": epoch_later, "row_first_s": row_first,
+            "row_later_s": row_later, "verify_s": verify_s, "verify_mb_s": store_bytes(store) / MB / verify_s}
 
 
 def run_child(mode: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
@@ -156,9 +188,15 @@ def main() -> None:
     print(f"collect throughput:               {col['tokens'] / col['seconds']:8.0f} tokens/s "
           f"({col['written'] / MB / col['seconds']:.1f} MB/s)")
     print(f"capture loop only, same batches:  {col['tokens'] / fwd['seconds']:8.0f} tokens/s")
-    print(f"shuffled batches of 4096 rows:    {col['read_rows_s']:8.0f} rows/s")
+    rows_s = col["tokens"] / col["epoch_later_s"]
+    print(f"shuffled batches of 4096 rows:    {rows_s:8.0f} rows/s (one site, shards already verified)")
     print(f"verify() (sha256 of every shard): {col['verify_mb_s']:8.0f} MB/s")
-
+    print(f"first-read sha256 check ({col['written'] / MB:.0f} MB in {col['shards']} shards, once per process):")
+    extra = col["epoch_first_s"] - col["epoch_later_s"]
+    print(f"  one epoch of batches(), one site: first {col['epoch_first_s']:.3f} s, later {col['epoch_later_s']:.3f} s "
+          f"(+{extra:.3f} s, {col['epoch_first_s'] / col['epoch_later_s']:.1f}× the first time)")
+    print(f"  one row from a shard:             first {col['row_first_s'] * 1e3:.1f} ms, later "
+          f"{col['row_later_s'] * 1e3:.2f} ms")
 
 if __name__ == "__main__":
     main()

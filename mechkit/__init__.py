@@ -18,6 +18,7 @@ _LAZY = {
     "ActivationCache": "mechkit.models.cache",
     "ActivationStore": "mechkit.activations.store",
     "collect": "mechkit.activations.collect",
+    "CollectConfig": "mechkit.activations.config",
     "Result": "mechkit.results",
     "interventions": "mechkit.interventions",
 }

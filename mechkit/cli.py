@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+
+from mechkit.activations.config import CollectConfig
+from mechkit.config import Config, ConfigError, metavar, read_mapping
 
 app = typer.Typer(help="mechkit: mechanistic interpretability with one site vocabulary.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The model zoo: list, inspect, retrain and re-evaluate bundled models.")
@@ -14,9 +22,86 @@ app.add_typer(zoo_app, name="zoo")
 BACKEND = typer.Option("torch_hooks", help="torch_hooks | lens | nnsight")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def config_command(typer_app: typer.Typer, config_cls: type[Config], **command_kwargs: Any) -> Callable:
+    """Register ``fn(config, ...)`` as a command whose options are the fields of ``config_cls``.
+
+    Each field becomes ``--field-name`` with the field's help, default and accepted values (a bool
+    field becomes ``--name/--no-name``); ``--config FILE`` reads the same keys from YAML or JSON, and
+    flags given on the command line override the file. Values are parsed and checked by the config
+    class itself, and a bad one exits with ``error: ...`` and code 2. ``fn``'s other parameters stay
+    the command's own arguments and options; ``fn`` receives the built config as ``config``.
+    """
+
+    def register(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+               for p in inspect.signature(fn).parameters.values() if p.name != "config"]
+        clash = {p.name for p in own} & {*config_cls.fields(), "config_file"}
+        if clash:
+            raise TypeError(f"{fn.__name__} has parameters {sorted(clash)} that {config_cls.__name__} already defines")
+        config_file = inspect.Parameter(
+            "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+            default=typer.Option(None, "--config", help=f"YAML or JSON file of {config_cls.__name__} options "
+                                 "(the option names below, with underscores); flags given here override it"),
+        )
+
+        def command(**values: Any) -> Any:
+            given = {name: values.pop(name) for name in config_cls.fields()}
+            config = _config_from_cli(config_cls, values.pop("config_file"), given)
+            return fn(config=config, **values)
+
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        params = [*own, config_file, *(_field_option(config_cls, name) for name in config_cls.fields())]
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        typer_app.command(**command_kwargs)(command)
+        return fn
+
+    return register
+
+
+def _field_option(config_cls: type[Config], name: str) -> inspect.Parameter:
+    """The typer option of one config field. Options default to None ("not given") so that a
+    --config file can fill them; the field's own default is what --help shows."""
+    field, tp = config_cls.fields()[name], config_cls.field_type(name)
+    flag = "--" + name.replace("_", "-")
+    if name in config_cls.required():
+        text = field.metadata["help"] + " (required, here or in --config)"
+    elif field.default is None or field.default is dataclasses.MISSING:  # none, or built by a factory
+        text = field.metadata["help"]
+    else:
+        shown = (flag if field.default else f"--no-{flag[2:]}") if tp is bool else _cli_text(field.default)
+        text = f"{field.metadata['help']} (default: {shown})"
+    if tp is bool:
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=text, show_default=False)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool | None)
+    option = typer.Option(None, flag, help=text, metavar=metavar(tp), show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=str | None)
+
+
+def _cli_text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _config_from_cli(config_cls: type[Config], file: Path | None, given: dict[str, Any]) -> Any:
+    """The config from ``file`` (if any) with the options given on the command line on top."""
+    try:
+        values = read_mapping(file) if file is not None else {}
+        for name, raw in given.items():
+            if raw is not None:
+                values[name] = raw if isinstance(raw, bool) else config_cls.parse_text(name, raw)
+        missing = [n for n in config_cls.required() if n not in values]
+        if missing:
+            raise ConfigError(f"missing option --{missing[0].replace('_', '-')} ({config_cls.field_help(missing[0])}); "
+                              "give it on the command line or in the --config file")
+        return config_cls.from_dict(values)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -66,53 +151,57 @@ def sites(
         typer.echo(f"  {site!s:<28} {' × '.join(site.axes)}")
 
 
-@app.command()
+@config_command(app, CollectConfig)
 def cache(
+    config: CollectConfig,
     model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
-    sites_: str = typer.Option(..., "--sites", help="comma-separated names or globs"),
-    prompts: Path = typer.Option(..., help="text file (one prompt per line) or JSONL with a 'prompt' field"),
+    prompts: Path = typer.Option(..., help="text file (one prompt per line) or .jsonl with a 'prompt' field"),
     out: Path = typer.Option(..., help="ActivationStore folder (resumed if it exists)"),
     backend: str = BACKEND,
-    positions: str = typer.Option("all", help="all | last | comma-separated indices"),
-    batch_size: int = typer.Option(8, min=1),
-    token_budget: int | None = typer.Option(None, help="stop after this many tokens"),
-    ram_budget_mb: float = typer.Option(256.0, help="RAM for buffered activations"),
-    dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16"),
 ) -> None:
     """Collect activations for a prompt file into an on-disk ActivationStore."""
-    import torch
-
     import mechkit
     from mechkit.activations.collect import collect
     from mechkit.errors import MechkitError
 
     texts = _read_prompts(prompts)
-    pos: object = positions if positions in ("all", "last") else [int(p) for p in positions.split(",")]
     try:
         wrapped = mechkit.load(model, backend=backend)
-        store = collect(
-            wrapped,
-            texts,
-            [s.strip() for s in sites_.split(",") if s.strip()],
-            out,
-            positions=pos,
-            batch_size=batch_size,
-            token_budget=token_budget,
-            ram_budget_mb=ram_budget_mb,
-            dtype=getattr(torch, dtype),
-        )
+        store = collect(wrapped, texts, out_dir=out, config=config)
     except (MechkitError, LookupError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {len(store)} token rows to {out}")
 
 
 def _read_prompts(path: Path) -> list[str]:
-    if not path.exists():
+    """Prompts from a text file (one per non-empty line) or a JSONL file (a 'prompt' string per line)."""
+    if path.is_dir():
+        _fail(f"--prompts {path} is a folder; pass a text file with one prompt per line, or a .jsonl file")
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
         _fail(f"no prompt file at {path}")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
-    return lines
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read the prompt file {path} ({exc}); it must be UTF-8 text")
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        _fail(f"the prompt file {path} holds no prompts")
+    if path.suffix != ".jsonl":
+        return [line for _, line in numbered]
+    return [_jsonl_prompt(path, i, line) for i, line in numbered]
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        _fail(f"{path} line {number} is not valid JSON ({exc.msg}); each line must be an object like "
+              '{"prompt": "..."}')
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        found = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
+        _fail(f"{path} line {number} has no 'prompt' string (found {found}); each line must be an object like "
+              '{"prompt": "..."}')
+    return record["prompt"]
 
 
 @zoo_app.command("list")

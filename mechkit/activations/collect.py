@@ -42,11 +42,12 @@ def collect(
 ) -> ActivationStore:
     """Run ``model`` over ``prompts`` and store one row per kept token and site in ``out_dir``.
 
-    ``prompts`` are texts (needs the model's tokenizer) or token-id rows. The settings are a
-    :class:`CollectConfig` — ``config=``, keyword ``options`` (its field names: ``positions``,
-    ``batch_size``, ``token_budget``, ``ram_budget_mb``, ``dtype``, ``resume``, ``progress``), or
-    both (options override the config); ``sites`` overrides ``config.sites``. See
-    :class:`CollectConfig` for what each one means.
+    ``prompts`` are texts (needs the model's tokenizer) or token-id rows. The settings are the
+    fields of :class:`CollectConfig` (which documents each one), given as ``config=``, as keyword
+    ``options``, or both (options override the config; ``sites`` overrides ``config.sites``)::
+
+        collect(model, prompts, "blocks.*.resid_post", "store/", positions="last", dtype=torch.float16)
+        collect(model, prompts, out_dir="store/", config=CollectConfig.from_file("collect.yaml"))
 
     ``ram_budget_mb`` bounds the buffer of activation rows waiting to be written (a shard is at
     most that large). It does not cover the interpreter, the model, the transient tensors of one
@@ -96,8 +97,10 @@ def _run(model: Model, rows: list, sites: list[Site], config: CollectConfig, buf
             batch = model.to_tokens(rows[begin : begin + step])
             longest = max(longest, int(batch.attention_mask.sum(-1).max()))
             b, t = select_positions(batch, config.positions)
-            kept = _extract(model, batch, b, t, sites, config.torch_dtype, begin) if len(b) else None
-            done = buffer.add(kept, end=begin + len(batch.input_ids))  # a batch keeping no row needs no forward
+            # no name for the rows: they must be freed before the next forward pass (the RAM budget);
+            # a batch that keeps no row needs no forward pass at all
+            done = buffer.add(_extract(model, batch, b, t, sites, config.torch_dtype, begin) if len(b) else None,
+                              end=begin + len(batch.input_ids))
             bar.update(len(batch.input_ids))
             bar.set_postfix(tokens=buffer.tokens, refresh=False)
             if done:

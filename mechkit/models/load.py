@@ -92,7 +92,7 @@ def _load_pretrained(
         from mechkit.models.nnsight import NNsightModel
 
         return NNsightModel.remote(path, name=name, **kwargs)
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = _hf_config(path)
     auto = _auto_class(config)
     hf = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     hf.eval()
@@ -112,6 +112,28 @@ def _load_pretrained(
     from mechkit.models.nnsight import NNsightModel
 
     return NNsightModel.from_hf(hf, tokenizer, name=name)
+
+
+def _hf_config(path: str) -> Any:
+    """The transformers config of a folder or hub id; a folder without a usable config.json is a clear error."""
+    import transformers
+
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise MechkitError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder: save the model into it with "
+            "model.save_pretrained(folder), or pass the loaded nn.Module to mechkit.load"
+        )
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as exc:
+        if not folder.is_dir():
+            raise  # a hub id: transformers names what it could not find
+        raise MechkitError(
+            f"{folder / 'config.json'} is not a usable transformers config ({exc}). It must be valid JSON with a "
+            "'model_type' this transformers version knows (e.g. \"gpt2\", \"llama\"); write it with "
+            "config.save_pretrained(folder)"
+        ) from exc
 
 
 def _auto_class(config: Any) -> Any:

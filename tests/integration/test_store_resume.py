@@ -1,4 +1,5 @@
-"""A collection killed with SIGKILL mid-way resumes and yields exactly the tensors of an uninterrupted run."""
+"""A collection killed with SIGKILL mid-way resumes and yields exactly the tensors of an uninterrupted run;
+a fresh process refuses to read a shard with a flipped byte."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_killed_collection_resumes_to_identical_tensors(tmp_path):
     # the same batches flushed at the same points: even the shard files are byte-identical
     assert [s.sha256 for s in resumed.verify().shards] == [s.sha256 for s in reference.shards]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+READER = """
+import sys
+from mechkit.activations.store import ActivationStore
+from mechkit.errors import StoreError
+try:
+    ActivationStore(sys.argv[1])[sys.argv[2]].load()
+except StoreError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_a_fresh_process_refuses_a_flipped_byte(tmp_path):
+    model = mechkit.load(tiny_hf_model("gpt2"))
+    store = collect(model, prompts()[:40], SITES, tmp_path / "s", progress=False, **SETTINGS)
+    shard = store.path / store.shards[1].file
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01  # inside the last site's tensor bytes
+    shard.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", READER, str(store.path), SITES[0]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{shard.name} in" in done.stdout and "is corrupted" in done.stdout

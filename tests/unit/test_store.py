@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import mechkit
 from mechkit.activations.collect import collect
-from mechkit.activations.store import ActivationStore
+from mechkit.activations.config import CollectConfig
+from mechkit.activations.store import PROVENANCE_KEYS, ActivationStore
+from mechkit.config import ConfigError
 from mechkit.errors import MechkitError, StoreError, UnknownSiteError
 from tests.conftest import VOCAB, tiny_hf_model
 
@@ -82,6 +84,7 @@ def test_manifest_describes_the_store_and_shards_respect_the_budget(model, refer
     assert m["d"] == {"blocks.0.resid_post": 32, "blocks.1.attn.z": 32}
     assert m["tokens"] == len(reference) == sum(s.tokens for s in reference.shards)
     assert m["prompts_consumed"] == 24 and m["mechkit_version"] == mechkit.__version__
+    assert m["config"] == CollectConfig(sites=SITES, batch_size=4, ram_budget_mb=BUDGET_MB, progress=False).to_dict()
     row_bytes = (32 + 32) * 4 + 3 * 8
     for shard in reference.shards:
         assert shard.tokens * row_bytes <= BUDGET_MB * 2**20
@@ -108,6 +111,81 @@ def test_positions(model, tmp_path, positions, expected):
     for row, (i, j) in zip(values[:6], pairs):
         _, cache = model.run_with_cache(model.to_tokens(prompts[i - i % 4 : i - i % 4 + 4]), SITES[0])
         assert torch.equal(row, cache[SITES[0]][i % 4, j].half())
+
+
+def test_provenance_has_the_keys_caches_and_results_use(model, reference):
+    from mechkit.provenance import provenance
+
+    expected = provenance(model, SITES)
+    assert set(PROVENANCE_KEYS) == set(expected)
+    assert reference.manifest["provenance"] == reference.provenance == expected
+    assert reference.provenance["dtype"] == "float32" and reference.provenance["architecture"] == "gpt2"
+    _, cache = model.run_with_cache(make_prompts()[:2], SITES)
+    assert {k: cache.provenance[k] for k in PROVENANCE_KEYS} == expected
+
+
+def test_a_config_object_and_keywords_give_the_same_store(model, reference, tmp_path):
+    config = CollectConfig(sites=SITES, batch_size=3, ram_budget_mb=BUDGET_MB, progress=False)
+    store = collect(model, make_prompts(), out_dir=tmp_path / "s", config=config, batch_size=4)  # keywords win
+    assert_same_store(store, reference)
+    assert store.config == config.replace(batch_size=4) and store.manifest["batch_size"] == 4
+    with pytest.raises(ConfigError, match="did you mean 'token_budget'"):
+        collect(model, make_prompts(), SITES, tmp_path / "t", token_budgt=3)
+    with pytest.raises(MechkitError, match="collect needs sites"):
+        collect(model, make_prompts(), out_dir=tmp_path / "t")
+    with pytest.raises(MechkitError, match="collect needs out_dir"):
+        collect(model, make_prompts(), config=config)
+
+
+def test_stores_written_before_provenance_and_config_were_recorded(model, reference, tmp_path):
+    """Version-1 manifests without 'provenance' and 'config' still read, and resume adds both."""
+    store = run(model, tmp_path / "s")
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    kept = manifest["shards"][:2]
+    legacy = {k: v for k, v in manifest.items() if k not in ("provenance", "config")}
+    legacy |= {"shards": kept, "status": "partial", "tokens": sum(s["tokens"] for s in kept),
+               "prompts_consumed": kept[-1]["prompts"][1]}
+    (store.path / "manifest.json").write_text(json.dumps(legacy))
+    old = ActivationStore(store.path)
+    assert old.config is None and old.provenance["architecture"] is None
+    assert old.provenance["model"] == manifest["model"] and set(old.provenance) == set(PROVENANCE_KEYS)
+    assert torch.equal(old[SITES[0]].load(), reference[SITES[0]][: len(old)])
+    resumed = run(model, store.path)
+    assert_same_store(resumed, reference)
+    assert resumed.manifest["provenance"] == manifest["provenance"] and resumed.config == store.config
+
+
+def test_unknown_format_version_is_a_clear_error(reference, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(reference.path, tmp_path / "s"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"format_version": 7}))
+    with pytest.raises(StoreError, match=r"format version 7; this mechkit reads version 1.*re-collect"):
+        ActivationStore(copy)
+
+
+def test_positions_no_prompt_reaches_are_an_error(model, tmp_path):
+    with pytest.raises(MechkitError, match=r"no prompt reaches any of positions \[100\]: the longest has 11 real "
+                                           r"tokens.*positions='last'"):
+        run(model, tmp_path / "s", positions=[100])
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    assert len(run(model, tmp_path / "s", positions=[10])) > 0  # the same folder is usable afterwards
+
+
+def test_batches_in_which_no_prompt_reaches_a_position_are_skipped(model, tmp_path, monkeypatch):
+    prompts = [[5] * 3, [6] * 4, [7] * 12, [8] * 2, [9] * 5, [10] * 11]  # batches of 2: only the 2nd and 3rd reach 10
+    calls = []
+    original = model.run_with_cache
+    monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: calls.append(1) or original(*a, **k))
+    store = run(model, tmp_path / "s", prompts=prompts, positions=[10, -1], batch_size=2)
+    assert len(calls) == 3  # every batch has a last token; with positions=[10] only two would run
+    pairs = list(zip(store.prompt_indices.load().tolist(), store.positions.load().tolist()))
+    assert pairs == [(0, 2), (1, 3), (2, 10), (2, 11), (3, 1), (4, 4), (5, 10)]
+    calls.clear()
+    store = run(model, tmp_path / "t", prompts=prompts, positions=[10], batch_size=2)
+    assert len(calls) == 2 and store.prompt_indices.load().tolist() == [2, 5]
+    assert store.manifest["prompts_consumed"] == 6 and store.complete
 
 
 def test_token_budget_keeps_exactly_the_first_rows(model, reference, tmp_path):
@@ -175,96 +253,6 @@ def test_shuffled_batches_cover_every_row_once_and_depend_only_on_the_seed(refer
     assert sum(map(len, dropped)) == len(rows) - len(rows) % batch_size
 
 
-# -- integrity ----------------------------------------------------------------------------------
-@pytest.fixture
-def copy(model, tmp_path):
-    return run(model, tmp_path / "s").path
-
-
-def damage_data(path: Path, shard: str, how: str) -> None:
-    file = path / shard
-    data = bytearray(file.read_bytes())
-    if how == "truncate":
-        data = data[: len(data) - 100]
-    elif how == "flip":
-        data[-10] ^= 0x04  # one bit, inside the tensor bytes: size and header still look fine
-    elif how == "header":
-        data[12] = ord("!")
-    file.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize(
-    ("how", "message"),
-    [("truncate", "truncated"), ("flip", "corrupted: its sha256"), ("header", "unreadable safetensors header")],
-)
-def test_damaged_shard_is_named_by_verify(copy, how, message):
-    damage_data(copy, "shard-00001.safetensors", how)
-    with pytest.raises(StoreError, match=f"shard-00001.safetensors.*{message}.*delete it and re-run collect"):
-        ActivationStore(copy).verify()
-
-
-@pytest.mark.parametrize("how", ["truncate", "header"])
-def test_reading_a_damaged_shard_fails_clearly(copy, how):
-    damage_data(copy, "shard-00001.safetensors", how)
-    store = ActivationStore(copy)
-    assert torch.equal(store[SITES[0]].shard(0), store[SITES[0]].shard(0))  # other shards stay readable
-    with pytest.raises(StoreError, match=r"shard-00001.safetensors"):
-        store[SITES[0]].load()
-    with pytest.raises(StoreError, match=r"shard-00001.safetensors"):
-        list(store.batches(SITES[0], 8))
-
-
-def test_missing_shard_and_missing_or_broken_manifest(copy, tmp_path):
-    (copy / "shard-00002.safetensors").unlink()
-    with pytest.raises(StoreError, match=r"shard-00002.safetensors in .* is missing"):
-        ActivationStore(copy).verify()
-    with pytest.raises(StoreError, match="does not exist"):
-        ActivationStore(tmp_path / "nowhere")
-    (copy / "manifest.json").write_text("{not json")
-    with pytest.raises(StoreError, match=r"manifest.json is unreadable"):
-        ActivationStore(copy)
-    (copy / "manifest.json").unlink()
-    with pytest.raises(StoreError, match=r"has no manifest.json"):
-        ActivationStore(copy)
-
-
-@pytest.mark.parametrize("how", ["delete", "flip"])
-def test_resume_recollects_a_damaged_shard_and_everything_after_it(model, reference, copy, how):
-    if how == "delete":  # what the error message tells a user to do
-        (copy / "shard-00001.safetensors").unlink()
-    else:  # a bit flip is found by verify(); after deleting the shard, resume rewrites it
-        damage_data(copy, "shard-00001.safetensors", "flip")
-        with pytest.raises(StoreError):
-            ActivationStore(copy).verify()
-        (copy / "shard-00001.safetensors").unlink()
-    with pytest.warns(UserWarning, match="re-collecting from prompt"):
-        store = run(model, copy)
-    assert_same_store(store, reference)
-    assert [s.sha256 for s in store.verify().shards] == [s.sha256 for s in reference.shards]
-
-
-def test_resume_after_a_crash_between_shard_and_manifest(model, reference, copy):
-    """Rewind the manifest to two shards, leave later shard files (one half-written) and a temp file."""
-    manifest = json.loads((copy / "manifest.json").read_text())
-    kept = manifest["shards"][:2]
-    manifest |= {"shards": kept, "status": "partial", "tokens": sum(s["tokens"] for s in kept),
-                 "prompts_consumed": kept[-1]["prompts"][1]}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    damage_data(copy, "shard-00002.safetensors", "truncate")  # an orphan, not in the manifest
-    (copy / ".tmp-abc.part").write_bytes(b"partial")
-    assert not ActivationStore(copy).complete and len(ActivationStore(copy)) < len(reference)
-    calls = []
-    original = model.run_with_cache
-    model.run_with_cache = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        store = run(model, copy)
-    finally:
-        del model.run_with_cache
-    assert len(calls) == (24 - manifest["prompts_consumed"]) // 4  # only the missing batches ran
-    assert_same_store(store, reference)
-    assert not (copy / ".tmp-abc.part").exists() and store.verify().complete
-
-
 def test_nothing_is_pickled_or_unpickled(model, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("pickle / torch.load was called")
@@ -295,6 +283,7 @@ BAD = [
     ("unknown site", {"sites": ["blocks.0.resid_postt"]}, UnknownSiteError, "blocks.0.resid_post"),
     ("not per token", {"sites": ["blocks.0.attn.pattern"]}, MechkitError, "not one vector per token"),
     ("bad positions", {"positions": "first"}, MechkitError, "positions must be"),
+    ("bad positions items", {"positions": [1, "x"]}, MechkitError, "positions must be"),
     ("bad batch size", {"batch_size": 0}, MechkitError, "batch_size must be"),
     ("bad dtype", {"dtype": torch.int8}, MechkitError, "dtype must be"),
     ("bad token budget", {"token_budget": 0}, MechkitError, "token_budget must be"),
@@ -306,6 +295,11 @@ def test_bad_arguments(model, tmp_path, case, kwargs, error, message):
     with pytest.raises(error, match=message):
         run(model, tmp_path / "s", **kwargs)
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.fixture
+def copy(model, tmp_path):
+    return run(model, tmp_path / "s").path
 
 
 MISMATCH = [
