@@ -178,7 +178,7 @@ class Model:
     def _check_narrowing(self, site: Site) -> None:
         info = self.info
         if site.head is not None:
-            n = info.n_kv_heads if site.kind in ("attn.k", "attn.v") else info.n_heads
+            n = info.n_kv_heads if site.kind in ("attn.k", "attn.v", "attn.k_in", "attn.v_in") else info.n_heads
             if n is not None and site.head >= n:
                 raise UnknownSiteError(f"{site}: head {site.head} is out of range; {site.kind} has {n} heads")
         if site.expert is not None and info.n_experts is not None and site.expert >= info.n_experts:

@@ -25,11 +25,17 @@ its code by value with each request. Attention patterns need eager attention, wh
 at load. ``NNsightModel(obj, remote="local")`` runs nnsight's local simulation of the remote path
 (serialise, deserialise, run here) — the test suite uses it, since NDIF cannot be reached here.
 
+Receiver sites work as in the reference: ``attn.in`` / ``mlp.in`` through the norms' ``.inputs``,
+per-head q/k/v inputs by reading the projection's ``.inputs`` and rewriting its ``.output``, and a
+``resid_mid`` write also adds (new − old) to the block's output (``resid_post``).
+
 Not available with this backend (``SiteNotSupportedError``):
 
 - ``module:<path>`` sites: nnsight needs every read of an invoke in execution order, and an
   arbitrary module has no place in the verified order (use ``torch_hooks``, or ``model.nnsight``).
 - ``gradients`` with ``remote``: saved values come back from NDIF without their autograd graph.
+- per-head q/k/v inputs with ``remote``: ``_REMOTE_HEAD_INPUTS``.
+- writes to ``attn.pattern``: ``_PATTERN_WRITES`` (reads are the weights the attention module returns).
 - any site the architecture table lacks for this model (same reasons as ``torch_hooks``).
 """
 
@@ -48,20 +54,25 @@ from mechkit.models.base import Model, WriteFn
 from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
-from mechkit.models.taps import RunShape, Tap, apply_entries
+from mechkit.models.taps import Entry, RunState, Tap, apply_entries, group_entries
 from mechkit.sites import Site
 
 _MODULE_SITES = (
     "nnsight serves module values in execution order within one invoke, and module:<path> sites have "
     "no place in the verified site order; use the torch_hooks backend, or nnsight directly via model.nnsight"
 )
+_PATTERN_WRITES = (
+    "pattern writes go through mechkit's attention function, which only the torch_hooks backend installs; "
+    "nnsight reads the weights the attention module returns. Use backend='torch_hooks' to replace patterns"
+)
+_REMOTE_HEAD_INPUTS = (
+    "per-head q/k/v inputs recompute each head's projection from the module's weights inside the trace, "
+    "which mechkit does not do in requests sent to NDIF; run them on a local model"
+)
 _REMOTE_GRADS = (
     "gradients are not available with remote execution: values saved on NDIF come back without their "
     "autograd graph. Run gradients on a local model"
 )
-
-# (site, tap, rewrite or None, whether the site is read) for one module side.
-Entry = tuple[Site, Tap, "WriteFn | None", bool]
 
 
 class NNsightModel(Model):
@@ -85,7 +96,7 @@ class NNsightModel(Model):
                 self.sitemap: SiteMap = build_sitemap(module, name)
         else:
             self.sitemap = build_sitemap(module, name)
-        self._rank = {site: i for i, site in enumerate(self.sitemap.order)}
+        self._key_rank = _key_ranks(self.sitemap, self._place)
         prefix = len(wrapped.path) + 1
         self._envoys = {path[prefix:]: envoy for path, envoy in wrapped.named_modules()}
         if remote:
@@ -130,17 +141,19 @@ class NNsightModel(Model):
 
     @property
     def sites(self) -> list[Site]:
-        return sorted(self.sitemap.taps, key=Site.sort_key)
+        return sorted((s for s in self.sitemap.taps if not self._remote_refuses(s)), key=Site.sort_key)
 
     def _unsupported_reason(self, site: Site) -> str | None:
         if site.kind == "module":
             return _MODULE_SITES
+        if self._remote_refuses(site):
+            return _REMOTE_HEAD_INPUTS
         return self.sitemap.unavailable.get(site.kind)
 
     def _writable(self, site: Site) -> str | None:
         if site.kind == "module":
             return _MODULE_SITES
-        tap = self.sitemap.taps[site]
+        tap = self._place(site)[1]
         if tap.writable:
             return None
         reason = tap.readonly_reason or "the router has already chosen; edit blocks.L.moe.topk instead"
@@ -164,16 +177,27 @@ class NNsightModel(Model):
         return unembed_with(self.module, self.sitemap, resid)
 
     # -- the primitive ----------------------------------------------------------------------------
+    def _place(self, site: Site) -> tuple[str, Tap]:
+        """Module path and tap of a site as this backend reaches it (patterns: the module's returned weights)."""
+        tap = self.sitemap.taps[site]
+        if tap.side == "pattern":
+            tap = Tap(tap.module, "output", item=1, writable=False, readonly_reason=_PATTERN_WRITES)
+        return self.sitemap.module_paths[site], tap
+
+    def _locate(self, site: Site) -> tuple[str, Tap]:
+        if site.kind == "module":
+            raise SiteNotSupportedError(f"{site} is not available with the nnsight backend: {_MODULE_SITES}")
+        if self._remote_refuses(site):
+            raise SiteNotSupportedError(f"{site} is not available with remote execution: {_REMOTE_HEAD_INPUTS}")
+        return self._place(site)
+
+    def _remote_refuses(self, site: Site) -> bool:
+        return bool(self.remote_mode) and site in self.sitemap.taps and self.sitemap.taps[site].side == "head_input"
+
     def _plan(self, read: Sequence[Site], write: Mapping[Site, WriteFn]) -> list[tuple[Any, str, list[Entry]]]:
         """Group sites by (module, side) and order the groups as the forward pass reaches them."""
-        groups: dict[tuple[str, str], list[Entry]] = {}
-        for site in sorted(dict.fromkeys([*write, *read]), key=lambda s: self._rank.get(s, -1)):
-            if site.kind == "module":
-                raise SiteNotSupportedError(f"{site} is not available with the nnsight backend: {_MODULE_SITES}")
-            tap = self.sitemap.taps[site]
-            key = (self.sitemap.module_paths[site], tap.side)
-            groups.setdefault(key, []).append((site, tap, write.get(site), site in read))
-        ordered = sorted(groups.items(), key=lambda kv: self._rank[kv[1][0][0]])
+        groups = group_entries(list(dict.fromkeys([*write, *read])), dict(write), set(read), self._locate)
+        ordered = sorted(groups.items(), key=lambda kv: self._key_rank[kv[0]])
         return [(self._envoys[path], side, entries) for (path, side), entries in ordered]
 
     def _run(
@@ -192,10 +216,10 @@ class NNsightModel(Model):
         self.module.eval()
         try:
             with root.trace(**inputs, **trace_kwargs):
-                store: dict[str, Tensor] = {}
+                state = RunState(shape, grad, by_name=True)
                 for envoy, side, entries in plan:
-                    _visit(envoy, side, entries, shape, grad, store)
-                result = nnsight.save((logits_of(root.output), store))
+                    _visit(envoy, side, entries, state)
+                result = nnsight.save((logits_of(root.output), state.store))
         finally:
             self.module.train(was_training)  # the module itself, if the trace just dispatched it
         logits, store = result
@@ -203,11 +227,21 @@ class NNsightModel(Model):
         return logits, {Site.parse(name): value for name, value in store.items()}
 
 
-def _visit(envoy: Any, side: str, entries: list[Entry], shape: RunShape, grad: bool, store: dict) -> None:
+def _key_ranks(sitemap: SiteMap, locate) -> dict[tuple[str, str], int]:
+    """When the forward pass first reaches each (module, hook side), from the verified site order."""
+    ranks: dict[tuple[str, str], int] = {}
+    for i, site in enumerate(sitemap.order):
+        path, tap = locate(site)
+        ranks.setdefault((path, tap.hook_side), i)
+    return ranks
+
+
+def _visit(envoy: Any, side: str, entries: list[Entry], state: RunState) -> None:
     """Inside a trace: read one module side, process its sites, and write it back if anything changed."""
     if side == "output":
+        x = _first_input(envoy) if any(tap.side == "head_input" for _, tap, _, _ in entries) else None
         raw = envoy.output
-        new, changed = apply_entries(entries, raw, shape, grad, store, by_name=True)
+        new, changed = apply_entries(entries, raw, state, envoy._module, x)
         if changed:
             envoy.output = new
         return
@@ -215,9 +249,14 @@ def _visit(envoy: Any, side: str, entries: list[Entry], shape: RunShape, grad: b
     if not args and "hidden_states" not in kwargs:
         raise MechkitError(f"cannot find the input tensor of {envoy.path}")
     raw = args[0] if args else kwargs["hidden_states"]
-    new, changed = apply_entries(entries, raw, shape, grad, store, by_name=True)
+    new, changed = apply_entries(entries, raw, state)
     if changed:
         envoy.inputs = ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+
+def _first_input(envoy: Any) -> Tensor:
+    args, kwargs = envoy.inputs
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _on_meta(module: nn.Module) -> bool:

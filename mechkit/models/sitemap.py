@@ -14,8 +14,9 @@ from torch import nn
 from mechkit.errors import MechkitError, UnsupportedArchitectureError
 from mechkit.models.arch import ArchTable, table_for
 from mechkit.models.base import ModelInfo
-from mechkit.models.taps import RunShape, Tap, get, pick
-from mechkit.sites import BLOCK_KINDS, GLOBAL_KINDS, Site
+from mechkit.models.taps import RunShape, Tap, pick
+from mechkit.models.verify import expected_shape, verify
+from mechkit.sites import GLOBAL_KINDS, Site
 
 _CONFIG_KEYS = {
     "n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
@@ -48,7 +49,10 @@ def info_from_config(config: Any, table: ArchTable, name: str, moe_layers: tuple
         dims["d_mlp"] = 4 * dims["d_model"]  # GPT-2's n_inner=None convention
     if not moe_layers:
         dims["n_experts"] = dims["top_k"] = None
-    return ModelInfo(name=name, architecture=table.name, moe_layers=moe_layers, encoder=table.encoder, **dims)
+    n_ctx = getattr(config, table.n_ctx_key, None) if table.n_ctx_key else None
+    return ModelInfo(
+        name=name, architecture=table.name, moe_layers=moe_layers, encoder=table.encoder, n_ctx=n_ctx, **dims
+    )
 
 
 @dataclass
@@ -112,100 +116,20 @@ def build_sitemap(model: nn.Module, name: str) -> SiteMap:
             )
     moe_layers = tuple(sorted(s.layer for s in taps if s.kind == "moe.topk"))
     info = info_from_config(config, table, name, moe_layers)
+    _check_skips(table, taps)
     sitemap = SiteMap(table, info, taps, paths, unavailable)
-    _verify(model, sitemap)
+    verify(model, sitemap)
     return sitemap
 
 
-def expected_shape(site: Site, info: ModelInfo, batch: int, seq: int) -> tuple[int, ...] | None:
-    d, h, kv, dh = info.d_model, info.n_heads, info.n_kv_heads, info.d_head
-    shapes = {
-        "attn.q": (batch, seq, h, dh),
-        "attn.k": (batch, seq, kv, dh),
-        "attn.v": (batch, seq, kv, dh),
-        "attn.z": (batch, seq, h, dh),
-        "attn.pattern": (batch, h, seq, seq),
-        "moe.router": (batch, seq, info.n_experts),
-        "moe.topk": (batch, seq, info.n_experts),
-        "logits": (batch, seq, info.vocab_size),
-        "mlp.pre": None,  # MoE models' dense layers may use another width
-        "mlp.post": None,
-    }
-    return shapes.get(site.kind, (batch, seq, d))
-
-
-def _verify(model: nn.Module, sitemap: SiteMap) -> None:
-    """One dummy forward: every declared site must fire once with its declared shape."""
-    batch, seq = 2, 5
-    shape = sitemap.run_shape(batch, seq)
-    seen: dict[Site, Any] = {}
-    order: list[Site] = []
-    handles = []
-    by_module: dict[tuple[str, str], list[Site]] = {}
-    for site, path in sitemap.module_paths.items():
-        by_module.setdefault((path, sitemap.taps[site].side), []).append(site)
-
-    def make_hook(sites: list[Site], side: str):
-        def hook(module, args, kwargs, *output):
-            raw = output[0] if side == "output" else (args[0] if args else kwargs.get("hidden_states"))
-            for site in sites:
-                try:
-                    value = get(sitemap.taps[site], raw, shape)
-                except (TypeError, IndexError, RuntimeError) as exc:
-                    value = exc
-                if site not in seen:
-                    order.append(site)
-                seen[site] = value
-
-        return hook
-
-    try:
-        for (path, side), sites in by_module.items():
-            module = model.get_submodule(path)
-            if side == "output":
-                handles.append(module.register_forward_hook(make_hook(sites, side), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_pre_hook(make_hook(sites, side), with_kwargs=True))
-        vocab = sitemap.info.vocab_size or 2
-        ids = torch.arange(batch * seq).reshape(batch, seq) % max(vocab, 1)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        finally:
-            model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
-    _check_seen(sitemap, seen, order, batch, seq)
-
-
-def _check_seen(sitemap: SiteMap, seen: dict[Site, Any], order: list[Site], batch: int, seq: int) -> None:
-    problems = []
-    for site in list(sitemap.taps):
-        value = seen.get(site)
-        if site.kind == "attn.pattern" and (value is None or isinstance(value, Exception)):
-            sitemap.unavailable["attn.pattern"] = (
-                "attention weights are only returned by eager attention; load with "
-                "attn_implementation='eager' (mechkit.load does) or call model.set_attn_implementation('eager')"
+def _check_skips(table: ArchTable, taps: dict[Site, Tap]) -> None:
+    """A ``skip`` must name a site of the same layer read as is (its write adds new − old there)."""
+    for site, tap in taps.items():
+        target = taps.get(Site(tap.skip, site.layer)) if tap.skip else None
+        if tap.skip and (target is None or target.transform != "identity" or target.side != "output"):
+            raise UnsupportedArchitectureError(
+                f"the {table.name} table lets {site} carry its skip at {tap.skip}, which is not a plain output tap here"
             )
-            del sitemap.taps[site], sitemap.module_paths[site]
-            continue
-        if site not in seen:
-            problems.append(f"{site} ({sitemap.module_paths[site]}) did not fire")
-        elif isinstance(value, Exception) or not isinstance(value, torch.Tensor):
-            problems.append(f"{site} ({sitemap.module_paths[site]}) gave {value!r}")
-        elif (want := expected_shape(site, sitemap.info, batch, seq)) and tuple(value.shape) != want:
-            problems.append(f"{site} has shape {tuple(value.shape)}, expected {want}")
-    if problems:
-        raise MechkitError(
-            f"the {sitemap.table.name} site table does not fit this model:\n  " + "\n  ".join(problems)
-        )
-    sitemap.order = [s for s in order if s in sitemap.taps]
-    kinds = set(GLOBAL_KINDS) | set(BLOCK_KINDS)
-    for kind in kinds - {s.kind for s in sitemap.taps}:
-        sitemap.unavailable.setdefault(kind, f"no {sitemap.table.name} module provides it")
 
 
 def unembed_with(module: nn.Module, sitemap: SiteMap, resid: torch.Tensor) -> torch.Tensor:
@@ -218,4 +142,4 @@ def unembed_with(module: nn.Module, sitemap: SiteMap, resid: torch.Tensor) -> to
         return module.get_submodule(paths[Site("logits")])(x)
 
 
-__all__ = ["SiteMap", "build_sitemap", "info_from_config", "pick", "unembed_with"]
+__all__ = ["SiteMap", "build_sitemap", "expected_shape", "info_from_config", "pick", "unembed_with"]

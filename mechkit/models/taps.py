@@ -1,33 +1,52 @@
 """Taps: where a site lives in a module tree, and how to read and write it there.
 
-A :class:`Tap` names a module (path template with ``{L}`` for the layer), which side of it
-(its ``output`` or its first ``input``), which element of a tuple output, and a transform
-from the raw tensor to the site's canonical shape. Every transform has an inverse ``put`` so
-that interventions and gradient reads write the (edited) site value back into the model.
-Architecture tables in ``models/arch/`` are plain data built from taps.
+A :class:`Tap` names a module (path template with ``{L}`` for the layer), which side of it, which
+element of a tuple output, and a transform from the raw tensor to the site's canonical shape.
+Every transform has an inverse ``put`` so that interventions and gradient reads write the (edited)
+site value back into the model. Architecture tables in ``models/arch/`` are plain data built from taps.
+
+Sides:
+- ``output`` / ``input``: the module's output, or its first input (a forward / pre-hook).
+- ``head_input``: per-head copies of a linear projection's input; writes and gradient reads
+  recompute the heads' outputs from their copies (:mod:`mechkit.models.projections`).
+- ``pattern``: the attention probabilities inside the module's attention function, where they
+  can be replaced before they multiply v (:mod:`mechkit.models.attention`).
+
+``skip`` names the site kind that carries this site's residual skip: a write adds (new − old)
+there as well, so a site with no module boundary of its own (``resid_mid``: the MLP norm's input
+is also the skip of the MLP add) is edited for both of its readers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from mechkit.models import projections
+
 
 @dataclass(frozen=True)
 class Tap:
     module: str
-    side: Literal["output", "input"] = "output"
+    side: Literal["output", "input", "head_input", "pattern"] = "output"
     item: int | None = None
     transform: str = "identity"
     chunk: int = 0  # which chunk of a fused projection (q=0, k=1, v=2)
     writable: bool = True
     readonly_reason: str = ""  # why writable is False (shown in SiteNotSupportedError)
+    skip: str | None = None  # site kind whose value also receives this site's write (new − old)
 
     def path(self, layer: int | None) -> str:
         return self.module.replace("{L}", str(layer)) if layer is not None else self.module
+
+    @property
+    def hook_side(self) -> str:
+        """Which hook serves the tap: head inputs are handled once the projection's output exists."""
+        return "output" if self.side == "head_input" else self.side
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,21 @@ class RunShape:
     d_head: int
     top_k: int | None = None
     n_experts: int | None = None
+
+
+@dataclass
+class RunState:
+    """What the hooks of one forward pass share."""
+
+    shape: RunShape
+    grad: bool
+    store: dict = field(default_factory=dict)
+    by_name: bool = False  # key the store by site name (nnsight ships plain strings)
+    pending: dict = field(default_factory=dict)  # site -> (new − old) awaiting its skip site
+
+
+# (site, tap, rewrite or None, whether the site is read)
+Entry = tuple[Any, Tap, "Callable[[Tensor], Tensor] | None", bool]
 
 
 # -- raw value <-> tensor at the tapped element -----------------------------------------------
@@ -70,8 +104,12 @@ def get(tap: Tap, raw: Any, shape: RunShape) -> Tensor:
     if t == "topk_dense":
         return _topk_dense(raw, shape)
     x = pick(raw, tap.item)
-    if t == "identity":
+    if t in ("identity", "skip_add"):
         return x
+    if t == "copy":  # this module's own autograd node: edits and gradients cover only its use
+        return x.view_as(x)
+    if t == "head_copies":  # one copy per head of a shared input: the site is one copy
+        return x.select(-2, 0)
     if t == "heads":
         return x.unflatten(-1, (shape.n_heads, shape.d_head))
     if t == "kv_heads":
@@ -92,10 +130,12 @@ def put(tap: Tap, raw: Any, value: Tensor, shape: RunShape) -> Any:
     if t == "topk_dense":
         return _topk_from_dense(raw, value, shape)
     x = pick(raw, tap.item)
-    if t == "identity":
+    if t in ("identity", "copy", "skip_add"):
         new = value
     elif t in ("heads", "kv_heads"):
         new = value.flatten(-2)
+    elif t == "head_copies":  # every head's copy receives the value, so its gradient sums the heads
+        new = value.unsqueeze(-2).expand_as(x)
     elif t == "split_heads":
         parts = list(x.chunk(3, dim=-1))
         parts[tap.chunk] = value.flatten(-2)
@@ -136,21 +176,71 @@ def _topk_from_dense(raw: tuple, dense: Tensor, shape: RunShape) -> tuple:
     return (logits, weights, index, *raw[3:])
 
 
-def apply_entries(entries: list, raw: Any, shape: RunShape, grad: bool, store: dict, by_name: bool = False):
+def group_entries(
+    sites: list, write: dict, read: set, locate: Callable[[Any], tuple[str, Tap]]
+) -> dict[tuple[str, str], list[Entry]]:
+    """Entries per ``(module path, hook side)``, each group in execution order of its sites.
+
+    ``locate(site) -> (path, tap)``. A written site with a ``skip`` also gets a ``skip_add`` entry
+    on its skip site's module, placed before that site's own entries (block order puts it first).
+    """
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for site in sorted(sites, key=lambda s: s.sort_key()):
+        path, tap = locate(site)
+        groups.setdefault((path, tap.hook_side), []).append((site, tap, write.get(site), site in read))
+        if tap.skip and site in write:
+            skip_path, skip_tap = locate(type(site)(tap.skip, site.layer))
+            fix = replace(skip_tap, transform="skip_add", skip=None)
+            groups.setdefault((skip_path, fix.hook_side), []).append((site, fix, None, False))
+    return groups
+
+
+def apply_entries(entries: list[Entry], raw: Any, state: RunState, module: Any = None, module_input: Any = None):
     """The per-site steps every hook-based backend runs on one module value, in order.
 
-    ``entries`` are ``(site, tap, write_fn | None, wanted)``: read the site, rewrite it, route the
-    forward through it when gradients are wanted, and store it. Returns ``(raw, changed)``.
+    Read the site, rewrite it, route the forward through it when gradients are wanted, and store
+    it. Head-input entries also need the projection ``module`` and its input tensor. Returns
+    ``(raw, changed)``.
     """
     changed = False
     for site, tap, write_fn, wanted in entries:
-        value = get(tap, raw, shape)
+        if tap.transform == "skip_add":
+            if site in state.pending:
+                raw = put(tap, raw, get(tap, raw, state.shape) + state.pending.pop(site), state.shape)
+                changed = True
+            continue
+        if tap.side == "head_input":
+            raw, did = _head_input(site, tap, write_fn, wanted, raw, state, module, module_input)
+            changed |= did
+            continue
+        value = get(tap, raw, state.shape)
         if write_fn is not None:
-            value = write_fn(value)
-            raw, changed = put(tap, raw, value, shape), True
-        elif grad and wanted:
+            new = write_fn(value)
+            if tap.skip:
+                state.pending[site] = new - value
+            value = new
+            raw, changed = put(tap, raw, value, state.shape), True
+        elif state.grad and wanted:
             # route the forward through this exact tensor so d(metric)/d(value) exists
-            raw, changed = put(tap, raw, value, shape), True
+            raw, changed = put(tap, raw, value, state.shape), True
         if wanted:
-            store[str(site) if by_name else site] = value if grad else value.detach()
+            _keep(state, site, value)
     return raw, changed
+
+
+def _head_input(site, tap: Tap, write_fn, wanted: bool, raw: Any, state: RunState, module: Any, x: Tensor):
+    """One head-input entry on a projection's output: per-head copies of ``x``, outputs recomputed."""
+    value = projections.head_copies(x, projections.n_heads_of(tap, state.shape))
+    changed = write_fn is not None or (state.grad and wanted)
+    if write_fn is not None:
+        value = write_fn(value)
+    if changed:
+        heads = projections.project_heads(module, tap, value, state.shape)
+        raw = put(projections.output_tap(tap), raw, heads, state.shape)
+    if wanted:
+        _keep(state, site, value)
+    return raw, changed
+
+
+def _keep(state: RunState, site: Any, value: Tensor) -> None:
+    state.store[str(site) if state.by_name else site] = value if state.grad else value.detach()

@@ -1,11 +1,14 @@
 """The reference backend: plain PyTorch forward hooks on an HF model or any ``nn.Module``.
 
 Hooks exist only for the duration of one forward pass and are removed in ``finally``; one hook
-per tapped module handles every site on it (reads, writes and gradient taps, in order).
+per tapped module side handles every site on it (reads, writes and gradient taps, in order).
+Attention patterns are served by mechkit's eager-equivalent attention function
+(:mod:`mechkit.models.attention`), switched on only for forward passes that touch a pattern.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from mechkit.errors import MechkitError
+from mechkit.models import attention
 from mechkit.models.base import Model, ModelInfo, WriteFn
 from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
-from mechkit.models.taps import RunShape, Tap, apply_entries
+from mechkit.models.taps import RunShape, RunState, Tap, apply_entries, group_entries
 from mechkit.sites import Site
 
 
@@ -91,55 +95,71 @@ class TorchHooksModel(Model):
     ) -> tuple[Tensor, dict[Site, Tensor]]:
         i = self.info
         shape = RunShape(*batch.shape, i.n_heads or 1, i.n_kv_heads or 1, i.d_head or 1, i.top_k, i.n_experts)
-        plan: dict[tuple[str, str], list[tuple[Site, Tap, WriteFn | None, bool]]] = {}
-        for site in list(dict.fromkeys([*write, *read])):
-            tap = self._tap(site)
-            plan.setdefault((self._path(site), tap.side), []).append((site, tap, write.get(site), site in read))
-        store: dict[Site, Tensor] = {}
+        state = RunState(shape, grad)
+        sites = list(dict.fromkeys([*write, *read]))
+        plan = group_entries(sites, dict(write), set(read), lambda site: (self._path(site), self._tap(site)))
         handles = []
+        edits: dict[nn.Module, Any] = {}  # attention module -> pattern rewrite, for mechkit's attention function
         was_training = self.module.training
         try:
             for (path, side), entries in plan.items():
                 module = _submodule(self.module, path)
-                hook = _make_hook(entries, side, shape, store, grad)
-                if side == "output":
-                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                if side == "pattern":
+                    edits[module] = _pattern_edit(entries, state)
+                elif side == "output":
+                    handles.append(module.register_forward_hook(_output_hook(entries, state), with_kwargs=True))
                 else:
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(_input_hook(entries, state), with_kwargs=True))
             self.module.eval()
-            if self.sitemap is None:
-                output = self.module(batch.input_ids)
-            else:
-                output = self.module(**forward_kwargs(self.module, batch))
+            with attention.editable_patterns(self.module, edits) if edits else contextlib.nullcontext():
+                output = self._call(batch)
         finally:
             for handle in handles:
                 handle.remove()
             self.module.train(was_training)
-        return logits_of(output), store
+        if state.pending:
+            raise MechkitError(f"the residual skip of {', '.join(map(str, state.pending))} was never reached")
+        return logits_of(output), state.store
+
+    def _call(self, batch: Batch) -> Any:
+        if self.sitemap is None:
+            return self.module(batch.input_ids)
+        return self.module(**forward_kwargs(self.module, batch))
 
 
-def _make_hook(entries: list, side: str, shape: RunShape, store: dict[Site, Tensor], grad: bool):
-    def process(raw: Any) -> tuple[Any, bool]:
-        return apply_entries(entries, raw, shape, grad, store)
+def _output_hook(entries: list, state: RunState):
+    def hook(module, args, kwargs, output):
+        x = (args[0] if args else kwargs.get("hidden_states")) if _needs_input(entries) else None
+        new, changed = apply_entries(entries, output, state, module, x)
+        return new if changed else None
 
-    if side == "output":
+    return hook
 
-        def output_hook(module, args, kwargs, output):
-            new, changed = process(output)
-            return new if changed else None
 
-        return output_hook
+def _needs_input(entries: list) -> bool:
+    return any(tap.side == "head_input" for _, tap, _, _ in entries)
 
-    def input_hook(module, args, kwargs):
+
+def _input_hook(entries: list, state: RunState):
+    def hook(module, args, kwargs):
         if args:
-            new, changed = process(args[0])
+            new, changed = apply_entries(entries, args[0], state)
             return ((new, *args[1:]), kwargs) if changed else None
         if "hidden_states" not in kwargs:
             raise MechkitError(f"cannot find the input tensor of {type(module).__name__}")
-        new, changed = process(kwargs["hidden_states"])
+        new, changed = apply_entries(entries, kwargs["hidden_states"], state)
         return (args, {**kwargs, "hidden_states": new}) if changed else None
 
-    return input_hook
+    return hook
+
+
+def _pattern_edit(entries: list, state: RunState):
+    """The pattern rewrite mechkit's attention function applies (returns the pattern itself if unchanged)."""
+
+    def edit(pattern: Tensor) -> Tensor:
+        return apply_entries(entries, pattern, state)[0]
+
+    return edit
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module:

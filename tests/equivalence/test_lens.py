@@ -14,25 +14,27 @@ from mechkit.errors import MechkitError, SiteNotSupportedError, UnsupportedArchi
 from mechkit.interventions import Add, Apply, Replace, Scale, Zero
 from mechkit.models import lens as lens_module
 from mechkit.models.lens import LensModel, hooked_transformer_from_hf
-from mechkit.sites import Site
 from tests.conftest import ARCHS, MOE_ARCHS, VOCAB, tiny_hf_model, tiny_ids
 
 ATOL = 1e-5
 PAIRS = [("bridge", arch) for arch in ARCHS] + [("hooked_transformer", "gpt2"), ("hooked_transformer", "llama")]
 MASK = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]])
 
+HEAD_INPUTS = ("attn.q_in", "attn.k_in", "attn.v_in")
+
 # every reference site kind the lens backend does not express, with the documented reason
-NOT_EXPRESSED = {("bridge", arch): {"moe.topk": lens_module.TOPK_REASON} for arch in MOE_ARCHS}
+NOT_EXPRESSED = {
+    pair: {**dict.fromkeys(HEAD_INPUTS, lens_module.HEAD_INPUT_REASON),
+           **({"moe.topk": lens_module.TOPK_REASON} if pair[1] in MOE_ARCHS else {})}
+    for pair in PAIRS
+}
+NOT_EXPRESSED[("bridge", "bert")]["attn.in"] = lens_module.UNSUPPORTED["bert"]["attn.in"]
+NOT_EXPRESSED[("hooked_transformer", "llama")]["attn.in"] = lens_module.GQA_ATTN_IN_REASON
 # sites it reads but cannot write
 READ_ONLY = {
-    **{("bridge", arch): {"resid_mid": lens_module.RESID_MID_READONLY} for arch in ("gpt2", "llama")},
-    **{("bridge", arch): {"moe.router": lens_module.ROUTER_READONLY, "resid_mid": lens_module.RESID_MID_READONLY}
-       for arch in MOE_ARCHS},
+    **{("bridge", arch): {"moe.router": lens_module.ROUTER_READONLY} for arch in MOE_ARCHS},
     ("bridge", "bert"): {"attn.pattern": lens_module.PATTERN_READONLY},
 }
-# the reference's resid_mid write (a pre-hook on the MLP norm's input) misses the residual skip of
-# pre-LN blocks; there a resid_mid edit is checked against the same edit of attn.out instead
-REFERENCE_PARTIAL = {"resid_mid"}
 
 
 def _id(pair) -> str:
@@ -43,8 +45,17 @@ def _id(pair) -> str:
 def pair(request):
     flavour, arch = request.param
     hf = tiny_hf_model(arch)
-    lens = LensModel.from_hf(hf) if flavour == "bridge" else mechkit.load(hooked_transformer_from_hf(hf))
+    lens = LensModel.from_hf(hf) if flavour == "bridge" else mechkit.load(_ht_with_receivers(hf))
     return flavour, arch, hf, mechkit.load(hf), lens
+
+
+def _ht_with_receivers(hf):
+    """A HookedTransformer whose hook_attn_in / hook_mlp_in exist (TL adds them only on request)."""
+    ht = hooked_transformer_from_hf(hf)
+    if ht.cfg.n_key_value_heads is None:  # TL refuses hook_attn_in under grouped-query attention
+        ht.set_use_attn_in(True)
+    ht.set_use_hook_mlp_in(True)
+    return ht
 
 
 def tl_hooks(model) -> int:
@@ -103,6 +114,10 @@ def test_model_info_matches_the_reference(pair):
     for field in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "vocab_size", "n_experts",
                   "top_k", "moe_layers", "encoder"):
         assert getattr(lens.info, field) == getattr(ref.info, field), field
+    if lens.flavour == "bridge":
+        assert lens.info.n_ctx == ref.info.n_ctx
+    else:  # TL allocates an [n_ctx, n_ctx] causal mask: its hard limit, rotary or not
+        assert lens.info.n_ctx == lens.tl.cfg.n_ctx
 
 
 def test_unembed_equals_the_reference(pair):
@@ -118,7 +133,8 @@ def test_unexpressed_sites_raise_with_the_reason(pair):
     flavour, arch, _, ref, lens = pair
     for kind, reason in NOT_EXPRESSED.get((flavour, arch), {}).items():
         site = next(s for s in ref.sites if s.kind == kind)
-        for spec in (str(site), f"{site}.e1"):
+        narrowed = f"{site}.e1" if kind == "moe.topk" else f"{site}.h1" if "head" in site.axes else str(site)
+        for spec in (str(site), narrowed):
             with pytest.raises(SiteNotSupportedError, match="lens backend") as err:
                 lens.run_with_cache(tiny_ids(), spec)
             assert reason in str(err.value)
@@ -171,7 +187,7 @@ def test_interventions_equal_the_reference(pair):
 
 def test_a_write_at_every_site_equals_the_reference(pair):
     """Perturb each writable site of layer 0 (and embed / ln_final) in both backends; same logits."""
-    _, arch, _, ref, lens = pair
+    _, _, _, ref, lens = pair
     ids = tiny_ids()
 
     def noise(act, site):
@@ -180,8 +196,6 @@ def test_a_write_at_every_site_equals_the_reference(pair):
     for site in lens.sites:
         if site.layer not in (None, 0) or site.kind in ("logits", "attn.pattern") or lens._writable(site):
             continue
-        if site.kind in REFERENCE_PARTIAL and arch != "bert":
-            continue  # test_resid_mid_writes_reach_the_residual_stream
         iv = {site: Apply(fn=noise)}
         expected = ref.run_with_interventions(ids, iv).logits
         got = lens.run_with_interventions(ids, iv).logits
@@ -189,24 +203,25 @@ def test_a_write_at_every_site_equals_the_reference(pair):
 
 
 def test_pattern_writes_reach_the_attention_output(pair):
-    """The reference cannot write patterns (HF returns them after use); zeroing or scaling a head's
-    pattern equals zeroing or scaling its z, which the reference can do."""
+    """A head's pattern zeroed or scaled equals its z zeroed or scaled, and the reference's own pattern write."""
     flavour, arch, _, ref, lens = pair
     if "attn.pattern" in READ_ONLY.get((flavour, arch), {}):
         pytest.skip("pattern is read-only here (tested in test_read_only_sites_refuse_writes)")
     ids = tiny_ids()
     for layer in range(lens.info.n_layers):
-        for pattern_iv, z_iv in [(Zero(), Zero()), (Scale(factor=0.25), Scale(factor=0.25))]:
-            got = lens.run_with_interventions(ids, {f"blocks.{layer}.attn.pattern.h2": pattern_iv}).logits
-            expected = ref.run_with_interventions(ids, {f"blocks.{layer}.attn.z.h2": z_iv}).logits
-            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        for iv in (Zero(), Scale(factor=0.25)):
+            got = lens.run_with_interventions(ids, {f"blocks.{layer}.attn.pattern.h2": iv}).logits
+            by_z = ref.run_with_interventions(ids, {f"blocks.{layer}.attn.z.h2": iv}).logits
+            by_pattern = ref.run_with_interventions(ids, {f"blocks.{layer}.attn.pattern.h2": iv}).logits
+            torch.testing.assert_close(got, by_z, atol=ATOL, rtol=0)
+            torch.testing.assert_close(got, by_pattern, atol=ATOL, rtol=0)
 
 
 def test_resid_mid_writes_reach_the_residual_stream(pair):
     """Pre-LN blocks: resid_mid = resid_pre + attn.out, so adding δ to either is the same edit."""
     _, arch, _, ref, lens = pair
-    if arch in ("bert", "gpt_neox") or lens._writable(Site.parse("blocks.0.resid_mid")):
-        pytest.skip("post-LN / parallel residual, or resid_mid read-only here")
+    if arch in ("bert", "gpt_neox"):
+        pytest.skip("post-LN / parallel residual blocks have other algebra")
     delta = torch.linspace(-1, 1, 32)
     for layer in range(lens.info.n_layers):
         got = lens.run_with_interventions(tiny_ids(), {f"blocks.{layer}.resid_mid": Add(vector=delta)}).logits

@@ -26,6 +26,7 @@ class ArchTable:
     # kind -> (config attribute, required value): the site exists only when it holds
     conditions: dict[str, tuple[str, object]] = field(default_factory=dict)
     encoder: bool = False
+    n_ctx_key: str | None = None  # config field of the learned position table's size (None: rotary)
 
 
 def all_tables() -> list[ArchTable]:

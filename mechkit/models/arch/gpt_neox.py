@@ -1,10 +1,16 @@
-"""GPT-NeoX / Pythia. With parallel residual (the default) there is no resid_mid."""
+"""GPT-NeoX / Pythia. With parallel residual (the default) there is no resid_mid.
+
+``attn.in`` / ``mlp.in`` are the inputs of ``input_layernorm`` / ``post_attention_layernorm``;
+with parallel residual both equal resid_pre in value (each block branch reads its own copy).
+``attn.q_in`` / ``k_in`` / ``v_in`` are per-head copies of the fused ``query_key_value`` input
+(after ``input_layernorm``).
+"""
 
 from mechkit.models.arch import ArchTable
-from mechkit.models.arch.gpt2 import PATTERN_RO, RESID_MID_RO
 from mechkit.models.taps import Tap
 
 H = "gpt_neox.layers.{L}"
+QKV = f"{H}.attention.query_key_value"
 TABLES = [
     ArchTable(
         name="gpt_neox",
@@ -13,13 +19,18 @@ TABLES = [
         taps={
             "embed": Tap("gpt_neox.embed_in"),
             "resid_pre": Tap(H, "input"),
-            "attn.q": Tap(f"{H}.attention.query_key_value", transform="neox_qkv", chunk=0),
-            "attn.k": Tap(f"{H}.attention.query_key_value", transform="neox_qkv", chunk=1),
-            "attn.v": Tap(f"{H}.attention.query_key_value", transform="neox_qkv", chunk=2),
+            "attn.in": Tap(f"{H}.input_layernorm", "input", transform="copy"),
+            "attn.q_in": Tap(QKV, "head_input", transform="neox_qkv", chunk=0),
+            "attn.k_in": Tap(QKV, "head_input", transform="neox_qkv", chunk=1),
+            "attn.v_in": Tap(QKV, "head_input", transform="neox_qkv", chunk=2),
+            "attn.q": Tap(QKV, transform="neox_qkv", chunk=0),
+            "attn.k": Tap(QKV, transform="neox_qkv", chunk=1),
+            "attn.v": Tap(QKV, transform="neox_qkv", chunk=2),
             "attn.z": Tap(f"{H}.attention.dense", "input", transform="heads"),
-            "attn.pattern": Tap(f"{H}.attention", item=1, writable=False, readonly_reason=PATTERN_RO),
+            "attn.pattern": Tap(f"{H}.attention", "pattern"),
             "attn.out": Tap(f"{H}.attention", item=0),
-            "resid_mid": Tap(f"{H}.post_attention_layernorm", "input", writable=False, readonly_reason=RESID_MID_RO),
+            "resid_mid": Tap(f"{H}.post_attention_layernorm", "input", skip="resid_post"),
+            "mlp.in": Tap(f"{H}.post_attention_layernorm", "input", transform="copy"),
             "mlp.pre": Tap(f"{H}.mlp.dense_h_to_4h"),
             "mlp.post": Tap(f"{H}.mlp.dense_4h_to_h", "input"),
             "mlp.out": Tap(f"{H}.mlp"),
