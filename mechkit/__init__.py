@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Site": "mechkit.sites",
-    "load": "mechkit.models.load",
+    "load": "mechkit.loading",
     "Model": "mechkit.models.base",
     "ActivationCache": "mechkit.models.cache",
     "ActivationStore": "mechkit.activations.store",

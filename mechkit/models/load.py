@@ -1,4 +1,4 @@
-"""``mechkit.load``: one entry point for model objects, HF ids, local folders and the zoo."""
+"""Wrap model objects, HF ids and local folders (``mechkit.load`` adds ``"zoo:NAME"`` above this layer)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ def load(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
     remote: bool = False,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Model:
     """Wrap ``model`` for analysis.
 
     ``model`` may be a wrapped :class:`Model` (returned as is), an ``nn.Module`` (HF or plain), a
     TransformerLens ``HookedTransformer`` / ``TransformerBridge``, an nnsight ``LanguageModel`` /
-    ``NNsight``, a local HF folder, an HF hub id (needs hub access), or ``"zoo:NAME"``.
+    ``NNsight``, a local HF folder or an HF hub id (needs hub access). ``name`` is how provenance
+    names a model given by folder or id (default: the folder or id).
 
     ``backend`` picks the hooking library for models given by name or folder. Models are loaded in
     ``dtype`` with eager attention by default so that ``attn.pattern`` sites exist. ``remote=True``
@@ -47,16 +49,11 @@ def load(
             "mechkit.load expects a model object, a folder, an HF id or 'zoo:NAME'; "
             f"got {type(model).__name__}"
         )
-    name = str(model)
-    if name.startswith("zoo:"):
-        from mechkit.zoo.registry import resolve
-
-        path = resolve(name[len("zoo:") :])
-        return _load_pretrained(str(path), name, backend, tokenizer, dtype, attn_implementation, remote, kwargs)
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise MechkitError(f"no model folder at {name!r}")
-    name = str(Path(name).expanduser()) if name.startswith("~") else name
-    return _load_pretrained(name, name, backend, tokenizer, dtype, attn_implementation, remote, kwargs)
+    source = str(model)
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise MechkitError(f"no model folder at {source!r}")
+    source = str(Path(source).expanduser()) if source.startswith("~") else source
+    return _load_pretrained(source, name or source, backend, tokenizer, dtype, attn_implementation, remote, kwargs)
 
 
 def _wrap_object(obj: Any, tokenizer: Any, remote: bool) -> Model | None:

@@ -1,57 +1,48 @@
-"""Matplotlib figures for activations (imported lazily; nothing global is changed)."""
+"""Figures for a model's activations (the demo tour): logit lens, one head's attention, norms."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+from mechkit.viz.style import as_array, figure, heatmap, label
 
-
-def _pyplot() -> Any:
-    import matplotlib.pyplot as plt  # the user's / notebook's backend is respected
-
-    return plt
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import Tensor
 
 
-def plot_logit_lens(probs: Tensor, token_labels: Sequence[str], title: str = "Logit lens") -> Any:
+def plot_logit_lens(probs: Tensor, token_labels: Sequence[str], title: str = "Logit lens") -> Figure:
     """Line plot of the log-probability of a few tokens decoded from each layer's residual stream.
 
     ``probs``: [layers, tokens] log-probabilities.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
-    for j, label in enumerate(token_labels):
-        ax.plot(range(probs.shape[0]), probs[:, j].float().numpy(), marker="o", ms=3, label=repr(label))
-    ax.set_xlabel("layer (resid_post)")
-    ax.set_ylabel("log p(next token)")
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    ax.grid(alpha=0.3)
+    fig = figure((7, 3.6))
+    ax = fig.add_subplot()
+    values = as_array(probs)
+    for j, token in enumerate(token_labels):
+        ax.plot(range(values.shape[0]), values[:, j], marker="o", ms=3, label=repr(token))
+    label(ax, x="layer (resid_post)", y="log p(next token)", title=title)
     return fig
 
 
-def plot_attention(pattern: Tensor, tokens: Sequence[str], title: str = "Attention pattern") -> Any:
+def plot_attention(pattern: Tensor, tokens: Sequence[str], title: str = "Attention pattern") -> Figure:
     """Heatmap of one head's attention pattern [query, key]."""
-    plt = _pyplot()
     n = len(tokens)
-    fig, ax = plt.subplots(figsize=(0.35 * n + 2.5, 0.35 * n + 1.5), constrained_layout=True)
-    image = ax.imshow(pattern.float().numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), tokens, rotation=90, fontsize=8)
-    ax.set_yticks(range(n), tokens, fontsize=8)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig = figure((0.35 * n + 2.5, 0.35 * n + 1.5))
+    ax = fig.add_subplot()
+    heatmap(ax, pattern, x=tokens, y=tokens, vmin=0, vmax=1, colorbar="attention")
+    label(ax, x="key", y="query", title=title)
     return fig
 
 
-def plot_norms(norms: Tensor, title: str = "Residual-stream norm by layer") -> Any:
+def plot_norms(norms: Tensor, title: str = "Residual-stream norm by layer") -> Figure:
     """Mean L2 norm of resid_post per layer ([layers])."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3), constrained_layout=True)
-    ax.bar(range(norms.shape[0]), norms.float().numpy(), color="#4c72b0")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean ‖resid_post‖")
-    ax.set_title(title)
+    fig = figure((6, 3))
+    ax = fig.add_subplot()
+    ax.bar(range(len(norms)), as_array(norms), color="#4c72b0")
+    label(ax, x="layer", y="mean ‖resid_post‖", title=title)
     return fig
+
+
+__all__ = ["plot_attention", "plot_logit_lens", "plot_norms"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mechkit
-from mechkit.zoo import registry, tasks
+from mechkit import tasks
+from mechkit.zoo import registry
 from mechkit.zoo.recipes import facts_lm
 
 TOL = 0.01  # eager (mechkit.load) vs default attention may flip a near-tie or two

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import mechkit
+from mechkit.tasks import modarith
+from mechkit.tasks.modarith import ModArithTask
 from mechkit.zoo import real, registry
-from mechkit.zoo.recipes import common
-from mechkit.zoo.recipes.common import ModArithTask
+from mechkit.zoo.recipes import loop, metrics
 
 EXPECTED = {"modadd-grok", "moe-grok", "facts-lm", "smollm2-135m", "minilm-l6"}
 
@@ -105,33 +106,33 @@ def test_minilm_folder() -> None:
 
 def test_modarith_data_and_split() -> None:
     task = ModArithTask(p=7, ops=("+", "-"), train_frac=0.5, seed=3)
-    data = common.make_data(task)
+    data = modarith.make_data(task)
     assert data.tokens.shape == (2 * 49, 4) and int(data.train.sum()) == 49
     v = task.vocab
     for row, y, op in zip(data.tokens.tolist(), data.labels.tolist(), data.op.tolist()):
         a, o, b, eq = row
         assert eq == v["="] and o == v[task.ops[op]]
         assert y == ((a + b) if task.ops[op] == "+" else (a - b)) % 7
-    again = common.make_data(task)
+    again = modarith.make_data(task)
     assert torch.equal(again.train, data.train)
-    other = common.make_data(ModArithTask(p=7, ops=("+", "-"), train_frac=0.5, seed=4))
+    other = modarith.make_data(ModArithTask(p=7, ops=("+", "-"), train_frac=0.5, seed=4))
     assert not torch.equal(other.train, data.train)
-    one = common.make_data(ModArithTask(p=5, ops=("+",), train_frac=0.3))
+    one = modarith.make_data(ModArithTask(p=5, ops=("+",), train_frac=0.3))
     assert one.tokens.shape == (25, 3) and int(one.train.sum()) == 7
     with pytest.raises(ValueError, match="ops"):
         ModArithTask(ops=("/",))
     with pytest.raises(ValueError, match="train mask"):
-        common.make_data(task, torch.ones(3, dtype=torch.bool))
+        modarith.make_data(task, torch.ones(3, dtype=torch.bool))
 
 
 def test_tokenizer_round_trip(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     task = ModArithTask(p=13, ops=("+", "-"))
-    common.save_tokenizer(task, tmp_path)
+    modarith.save_tokenizer(task, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    data = common.make_data(task)
-    texts = common.prompts(task, data)
+    data = modarith.make_data(task)
+    texts = modarith.prompts(task, data)
     assert texts[20] == "1 + 7 ="
     assert tok(texts[:50])["input_ids"] == data.tokens[:50].tolist()
     assert tok.convert_ids_to_tokens([12, 13]) == ["12", "="]
@@ -148,12 +149,12 @@ def test_select_checkpoints_keeps_milestones_and_follows_the_jump() -> None:
     train = [min(1.0, i / 5) for i in range(n)]
     test = [0.02] * 60 + [0.1 * k for k in range(1, 10)] + [1.0] * (n - 69)
     recs = _curve(train, test)
-    chosen = common.select_checkpoints(recs, 20, total_steps=990)
+    chosen = metrics.select_checkpoints(recs, 20, total_steps=990)
     assert len(chosen) == 20 and chosen == sorted(chosen)
     assert {0, 990, 50, 650} <= set(chosen)  # first, last, train >= 99%, test >= 95%
     in_jump = [s for s in chosen if 600 <= s <= 690]
     assert len(in_jump) >= 4  # denser where test accuracy jumps (10% of the steps)
-    assert common.select_checkpoints(recs[:5], 20, 40) == [0, 10, 20, 30, 40]
+    assert metrics.select_checkpoints(recs[:5], 20, 40) == [0, 10, 20, 30, 40]
 
 
 def test_select_checkpoints_ignores_a_loss_spike() -> None:
@@ -162,20 +163,30 @@ def test_select_checkpoints_ignores_a_loss_spike() -> None:
     test = [min(1.0, i / 50) for i in range(n)]
     spiky = list(train)
     spiky[80] = 0.1
-    a = common.select_checkpoints(_curve(train, test), 12, 990)
-    b = common.select_checkpoints(_curve(spiky, test), 12, 990)
+    a = metrics.select_checkpoints(_curve(train, test), 12, 990)
+    b = metrics.select_checkpoints(_curve(spiky, test), 12, 990)
     assert len(a) == len(b) == 12 and 800 not in b
     assert sum(x != y for x, y in zip(a, b)) <= 1  # at most the spike's slot moves to a neighbour
 
 
-def test_atomic_writes(tmp_path: Path) -> None:
-    common.atomic_write_json(tmp_path / "a" / "x.json", {"k": 1})
-    assert (tmp_path / "a" / "x.json").read_text().strip().endswith("}")
-    common.atomic_save_safetensors({"t": torch.arange(3)}, tmp_path / "t.safetensors")
-    from safetensors.torch import load_file
+def test_partial_writes_are_found_and_removed(tmp_path: Path) -> None:
+    """A run killed mid-write leaves mechkit.atomic temp files and temp folders; a restart removes
+    exactly those."""
+    from mechkit import atomic
+    from mechkit.zoo.recipes import folders
 
-    assert load_file(tmp_path / "t.safetensors")["t"].tolist() == [0, 1, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "t.safetensors"]  # no temp files left
+    (tmp_path / "checkpoints").mkdir()
+    atomic.atomic_write_json(tmp_path / "card.json", {"k": 1})
+    (tmp_path / f"{atomic.TMP_PREFIX}abc.part").write_bytes(b"half")
+    (tmp_path / "checkpoints" / f"{atomic.TMP_PREFIX}dir").mkdir()
+    (tmp_path / "checkpoints" / f"{atomic.TMP_PREFIX}dir" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / loop.STATE_DIR).mkdir()
+    (tmp_path / loop.STATE_DIR / f"{atomic.TMP_PREFIX}x.part").write_bytes(b"")
+    removed = loop.remove_partial_writes(tmp_path)
+    assert len(removed) == 3
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([loop.STATE_DIR, "card.json", "checkpoints"])
+    folders.publish(tmp_path / "card.json")
+    assert (tmp_path / "card.json").stat().st_mode & 0o777 == 0o644
 
 
 # --------------------------------------------------------------------------- SmolLM2 conversion

