@@ -12,6 +12,7 @@ from mechkit.errors import SiteNotSupportedError
 from mechkit.interventions import Add, Replace, Scale
 from tests.conftest import tiny_hf_model, tiny_ids
 from tests.float64 import exact_llama_math
+from tests.gradcheck import finite_difference
 
 ATOL = 1e-5
 PRE_LN = ("gpt2", "llama", "olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -121,12 +122,6 @@ def test_replacing_receivers_with_themselves_changes_nothing(arch):
 # -- gradients -----------------------------------------------------------------------------------------
 
 
-def _finite_difference(model, ids, site: str, act: torch.Tensor, direction: torch.Tensor, eps=1e-6):
-    plus = model.run_with_interventions(ids, {site: Replace(source=act + eps * direction)}).logits
-    minus = model.run_with_interventions(ids, {site: Replace(source=act - eps * direction)}).logits
-    return (metric(plus, None) - metric(minus, None)) / (2 * eps)
-
-
 def test_receiver_gradients_equal_finite_differences(f64):
     _, model = f64
     ids = tiny_ids(batch=2, seq=5)
@@ -136,7 +131,7 @@ def test_receiver_gradients_equal_finite_differences(f64):
     for site in sites:
         act, grad = result.activations[site], result.grads[site]
         direction = torch.randn(act.shape, generator=g, dtype=act.dtype)
-        numeric = _finite_difference(model, ids, site, act, direction)
+        numeric = finite_difference(model, ids, site, act, direction, metric)
         assert grad.abs().max() > 0, site
         torch.testing.assert_close((grad * direction).sum(), numeric, atol=1e-7, rtol=1e-6, msg=site)
 

@@ -13,6 +13,7 @@ from mechkit.errors import SiteNotSupportedError
 from mechkit.interventions import Apply, Replace
 from tests.conftest import ARCHS, tiny_hf_model, tiny_ids
 from tests.float64 import exact_llama_math
+from tests.gradcheck import finite_difference
 
 LAYER, HEAD = 1, 3  # under LLaMA's GQA (4 query heads, 2 KV heads) head 3 reads KV head 1
 
@@ -93,9 +94,7 @@ def test_pattern_gradients_equal_finite_differences():
         for site in sites:
             act = result.activations[site]
             direction = torch.randn(act.shape, generator=torch.Generator().manual_seed(0), dtype=act.dtype)
-            plus = model.run_with_interventions(ids, {site: Replace(source=act + 1e-6 * direction)}).logits
-            minus = model.run_with_interventions(ids, {site: Replace(source=act - 1e-6 * direction)}).logits
-            numeric = (metric(plus, None) - metric(minus, None)) / 2e-6
+            numeric = finite_difference(model, ids, site, act, direction, metric)
             torch.testing.assert_close((result.grads[site] * direction).sum(), numeric, atol=1e-7, rtol=1e-6)
 
 

@@ -9,6 +9,7 @@ import mechkit
 from mechkit.interventions import Add, Replace
 from tests.conftest import tiny_hf_model, tiny_ids
 from tests.float64 import exact_llama_math
+from tests.gradcheck import finite_difference
 
 SEQUENTIAL = ["gpt2", "llama", "olmoe", "qwen2_moe", "gpt_neox_sequential"]
 
@@ -59,9 +60,7 @@ def test_resid_mid_gradients_equal_finite_differences(arch):
         for site in ("blocks.0.resid_mid", "blocks.1.resid_mid"):
             act = result.activations[site]
             direction = torch.randn(act.shape, generator=torch.Generator().manual_seed(0), dtype=act.dtype)
-            plus = model.run_with_interventions(ids, {site: Replace(source=act + 1e-6 * direction)}).logits
-            minus = model.run_with_interventions(ids, {site: Replace(source=act - 1e-6 * direction)}).logits
-            numeric = (metric(plus, None) - metric(minus, None)) / 2e-6
+            numeric = finite_difference(model, ids, site, act, direction, metric)
             torch.testing.assert_close((result.grads[site] * direction).sum(), numeric, atol=1e-7, rtol=1e-6)
 
 
