@@ -14,6 +14,7 @@ import typer
 
 from mechkit.activations.config import CollectConfig
 from mechkit.config import Config, ConfigError, metavar, read_mapping
+from mechkit.probing.config import SweepConfig
 
 app = typer.Typer(help="mechkit: mechanistic interpretability with one site vocabulary.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The model zoo: list, inspect, retrain and re-evaluate bundled models.")
@@ -171,6 +172,37 @@ def cache(
     except (MechkitError, LookupError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {len(store)} token rows to {out}")
+
+
+@config_command(app, SweepConfig)
+def probe(
+    config: SweepConfig,
+    model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
+    dataset: Path = typer.Option(..., help="JSONL of items with 'prompt' and 'label' (e.g. probes/truth_hard.jsonl)"),
+    out: Path = typer.Option(..., help="folder for result.json, tensors, sweep.csv and sweep.png"),
+    backend: str = BACKEND,
+) -> None:
+    """Fit a linear probe at every site and write the layer curve, its concept depth and a plot."""
+    import mechkit
+    from mechkit import viz
+    from mechkit.errors import MechkitError
+    from mechkit.probing import probe_sweep
+
+    try:
+        wrapped = mechkit.load(model, backend=backend)
+        result = probe_sweep(wrapped, dataset, config=config, concept=dataset.stem)
+    except (MechkitError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    result.save(out)
+    frame = result.to_frame()
+    frame.to_csv(out / "sweep.csv", index=False)
+    viz.save(result.plot(), out / "sweep.png")
+    typer.echo(frame[["site", "accuracy", "ci_low", "ci_high", "auroc"]].to_string(index=False, float_format="%.3f"))
+    depth = result.concept_depth()
+    jump = "none" if depth.jump is None else f"{depth.jump:.2f}"
+    typer.echo(f"concept depth: jump {jump}, converging {depth.converging:.2f}, peak {depth.peak:.2f} "
+               f"({depth.peak_accuracy:.3f}); chance {result.chance:.2f}")
+    typer.echo(f"wrote {out}/sweep.png, sweep.csv, result.json")
 
 
 def _read_prompts(path: Path) -> list[str]:

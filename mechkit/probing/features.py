@@ -123,3 +123,24 @@ def from_tensors(features: Tensor | Mapping[str, Tensor]) -> tuple[list[str], Te
     if x.ndim != 3:
         raise MechkitError(f"features must be [sites, n, d] or [n, d], got {tuple(features.shape)}")
     return [f"layer {i}" for i in range(x.shape[0])], x.float()
+
+
+def sequences(model: Any, prompts: Sequence[str], site: Any, *, batch_size: int = 32,
+              progress: bool = True) -> tuple[Tensor, Tensor]:
+    """Every token's vector at one site, for attentive probes: ``(x [n, T, d], mask [n, T])``, right-padded
+    to the longest prompt (``mask`` is True at real tokens; padding rows are zeros)."""
+    from tqdm.auto import tqdm
+
+    resolved = model.resolve(site)
+    if len(resolved) != 1:
+        raise MechkitError(f"attentive probes read one site; {site!r} names {len(resolved)}")
+    chunks, masks = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="token features", disable=not progress, leave=False):
+        _, cache = model.run_with_cache(list(prompts[start:start + batch_size]), resolved)
+        mask = cache.attention_mask.bool()
+        chunks.append(cache[resolved[0]].float() * mask[..., None])
+        masks.append(mask)
+    width = max(c.shape[1] for c in chunks)
+    x = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+    return x, mask

@@ -44,6 +44,7 @@ class LinearProbe:
     meta: dict[str, Any] = field(default_factory=dict)
 
     splice_parts = ("logit",)
+    splice_name = "probe"
 
     @property
     def d(self) -> int:

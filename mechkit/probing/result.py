@@ -75,5 +75,6 @@ class ProbeSweepResult(Result):
                 ax.axvline(x[round(depth.jump * len(x)) - 1], color=line.get_color(), ls="--", lw=0.8, alpha=0.6)
         ax.axhline(self.chance, color="0.6", ls="--", lw=1, label="chance")
         ax.set_ylim(min(self.chance - 0.05, ax.get_ylim()[0]), 1.01)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         title = "Linear probe by layer" + (" (dotted: control task; dashed: jump)" if control else "")
         viz.label(ax, x="layer", y="test accuracy", title=title)
