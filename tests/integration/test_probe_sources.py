@@ -92,3 +92,13 @@ def test_probe_command_writes_result_table_and_plot(tmp_path):
     bad = CliRunner().invoke(app, ["probe", "zoo:facts-lm", "--dataset", "probes/category_hard.jsonl", "--out",
                                    str(tmp_path / "x"), "--position", "middle"])
     assert bad.exit_code == 2 and "position" in bad.output
+
+
+def test_unknown_sites_and_unlabelled_data_are_explained(model, polarity):
+    with pytest.raises(mechkit.errors.UnknownSiteError, match="resid_post"):
+        probe_sweep(model, polarity, sites="blocks.1.resid_pots", progress=False)
+    unlabelled = TaskSet("x", tuple(type(it)(it.prompt, it.answer) for it in polarity.items[:10]))
+    with pytest.raises(mechkit.errors.MechkitError, match="no label"):
+        probe_sweep(model, unlabelled, progress=False)
+    with pytest.raises(mechkit.errors.MechkitError, match="one site"):
+        feats.sequences(model, polarity.prompts[:4], "blocks.*.resid_post")
