@@ -92,13 +92,9 @@ def _score_chunk(x: Tensor, y: Tensor, masks: Tensor, n_classes: int,
         pred = (sf[..., 0] > 0).long() if sf.shape[-1] == 1 else sf.argmax(-1)
         accs.append(metrics.accuracy(pred, yt))
         f1s.append(metrics.f1(pred, yt, n_classes))
-        aucs.append(metrics.auroc(sf[..., 0], yt, 2) if n_classes == 2 else _multiclass_auc(sf, yt, n_classes))
+        aucs.append(metrics.auroc(sf[..., 0] if n_classes == 2 else sf, yt, n_classes))
         correct.append(pred == yt)
     return torch.stack(accs, 1), torch.stack(f1s, 1), torch.stack(aucs, 1), torch.cat(correct, 1)
-
-
-def _multiclass_auc(s: Tensor, y: Tensor, n_classes: int) -> Tensor:
-    return torch.stack([metrics.auroc(s[..., c], (y == c).long(), 2) for c in range(n_classes)]).mean(0)
 
 
 def fit_linear(x: Tensor, y: Tensor, masks: Tensor, n_classes: int, cfg: SweepConfig) -> functional.LinearFit:
