@@ -202,20 +202,3 @@ class MeanDiffProbe(_LinearEstimator):
 
     def _solve(self, x: Tensor, y: Tensor, train: Tensor, n_classes: int) -> functional.LinearFit:
         return functional.fit_mean_diff(x, y, train, n_classes=n_classes, standardize=self.standardize)
-
-
-PROBES: dict[str, type[_LinearEstimator]] = {"logistic": LogisticProbe, "ridge": RidgeProbe,
-                                             "mean_diff": MeanDiffProbe}
-
-
-def make_probe(probe: str | _LinearEstimator, **params: Any) -> _LinearEstimator:
-    """An estimator from a name (``"logistic"``, ``"ridge"``, ``"mean_diff"``) or an estimator given."""
-    if isinstance(probe, _LinearEstimator):
-        return probe
-    if probe not in PROBES:
-        raise MechkitError(f"unknown probe {probe!r}; choose one of {sorted(PROBES)}")
-    cls = PROBES[probe]
-    import inspect
-
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return cls(**{k: v for k, v in params.items() if k in accepted})

@@ -45,8 +45,6 @@ def probe_sweep(source: Any, data: Any, config: SweepConfig | None = None, *, co
     items, labels = _dataset(data)
     sites, x = _features(source, items, cfg)
     y = as_labels(labels, x.shape[1])
-    if x.shape[1] != len(y):
-        raise MechkitError(f"{x.shape[1]} feature rows but {len(y)} labels")
     classes, index = encode_labels(y)
     groups = _meta_column(items, cfg.groups) if cfg.groups else None
     masks = split_masks(index, cfg.folds, groups=groups, seed=cfg.seed)

@@ -51,6 +51,7 @@ def test_sweep_from_a_store_equals_the_sweep_from_the_model(model, polarity, tmp
 
 def test_a_fitted_probe_plugs_into_the_model(model, polarity, tmp_path):
     site = "blocks.2.resid_post"
+    before = model.parameters_fingerprint()
     _, x = feats.from_model(model, polarity.prompts, site, "last", progress=False)
     probe = LogisticProbe().fit(x[0], polarity.labels, site=site).probe_
     batch = polarity.prompts[:8]
@@ -70,6 +71,7 @@ def test_a_fitted_probe_plugs_into_the_model(model, polarity, tmp_path):
     _, erased = model.run_with_interventions(batch, {site: ProjectOut(directions=probe)}, cache=site)
     along = erased[site][rows, last] @ probe.direction
     assert along.abs().max() < 1e-4
+    assert model.parameters_fingerprint() == before  # splicing, gradients and edits leave the weights alone
     probe.save(tmp_path / "probe")
     assert torch.equal(LinearProbe.load(tmp_path / "probe")(x[0]), probe(x[0]))
 
