@@ -1,7 +1,7 @@
 """Sparse autoencoders: training through sae-lens and evaluation metrics."""
 
 from mechkit.sae.config import TrainConfig
-from mechkit.sae.evaluate import ce_recovered
+from mechkit.sae.evaluate import EvalConfig, evaluate_sae
 from mechkit.sae.functional import (
     ce_loss_recovered,
     cosine,
@@ -13,19 +13,25 @@ from mechkit.sae.functional import (
     kl_divergence,
     l0,
 )
+from mechkit.sae.result import SAEEvalResult, SAESweepResult
+from mechkit.sae.sweep import sae_sweep
 from mechkit.sae.train import train_sae
 
 __all__ = [
+    "EvalConfig",
+    "SAEEvalResult",
+    "SAESweepResult",
     "TrainConfig",
     "ce_loss_recovered",
-    "ce_recovered",
     "cosine",
     "dead_fraction",
     "dense_fraction",
+    "evaluate_sae",
     "explained_variance",
     "firing_frequency",
     "fvu",
     "kl_divergence",
     "l0",
+    "sae_sweep",
     "train_sae",
 ]

@@ -1,22 +1,48 @@
-"""CE-loss recovered and KL: an SAE's reconstruction spliced into the model at its site.
+"""Evaluating an SAE in its model: reconstruction, latent usage, CE-loss recovered and KL.
 
-Three runs over the same prompts: clean, with the site replaced by the SAE's reconstruction
-(``model.splice(site, sae, keep_error=False)``) and with the site ablated (zero or its mean over
-real tokens). Next-token cross-entropy counts only predictions of real tokens, so padded batches
-give what prompt-by-prompt runs give; KL is taken at every real position.
+Per batch of prompts: the clean run, the run with the site replaced by the SAE's reconstruction
+(``model.splice(site, sae, keep_error=False)``, which also caches the site's input, the latents
+and the reconstruction) and the zero-ablated run; then one more pass with the site set to its mean
+over every real token of the evaluation set (the mean-ablation baseline, METHODS §2). Every figure
+counts real tokens only: next-token cross-entropy is taken on predictions whose target is real,
+KL at every real position, reconstruction sums over real positions — so padded batches give what
+prompt-by-prompt runs give. Sums are float64 over the whole set (FVU uses the set's mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mechkit.config import Config, ConfigError, option
 from mechkit.errors import MechkitError
 from mechkit.interventions import Mean, Zero
-from mechkit.sae.functional import ce_loss_recovered
+from mechkit.provenance import provenance
+from mechkit.sae.functional import ce_loss_recovered, kl_divergence
+from mechkit.sae.result import SAEEvalResult
+
+__all__ = ["EvalConfig", "evaluate_sae", "next_token_loss"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Config):
+    """How an SAE is evaluated in its model (the keywords of :func:`evaluate_sae`)."""
+
+    batch_size: int = option(16, help="prompts per forward pass")
+    dead_window: int = option(1_000_000, help="tokens over which a latent that never fires counts as dead "
+                                              "(the whole evaluation set when it is smaller)")
+    dense_threshold: float = option(0.1, help="a latent active on more than this fraction of tokens is dense")
+    progress: bool = option(True, help="show a progress bar")
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.dead_window < 1:
+            raise ConfigError("batch_size and dead_window must be at least 1")
+        if not 0 < self.dense_threshold < 1:
+            raise ConfigError(f"dense_threshold={self.dense_threshold}: must be in (0, 1)")
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[float, int]:
@@ -24,35 +50,108 @@ def next_token_loss(logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[fl
     target_real = mask[:, 1:].bool()
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:],
                                                reduction="none")
-    return float(losses[target_real].sum()), int(target_real.sum())
+    return float(losses[target_real].double().sum()), int(target_real.sum())
 
 
-def ce_recovered(model: Any, sae: Any, site: str, prompts: Sequence[str], *, ablation: str = "zero",
-                 batch_size: int = 16) -> dict[str, float]:
-    """``ce_clean``, ``ce_sae``, ``ce_ablated`` (nats per predicted token), ``recovered`` and ``kl``
-    (mean KL(clean ‖ spliced) over real positions)."""
-    if ablation not in ("zero", "mean"):
-        raise MechkitError(f"ablation={ablation!r}: use 'zero' or 'mean'")
+@dataclass
+class _Totals:
+    """Running float64 sums over real tokens."""
+
+    d_sae: int
+    ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("clean", "sae", "zero", "mean"), 0.0))
+    predictions: int = 0
+    tokens: int = 0
+    kl: float = 0.0
+    x_sum: Tensor | None = None
+    x_sq: float = 0.0
+    err_sq: float = 0.0
+    cos: float = 0.0
+    active: float = 0.0
+    fired: Tensor | None = None
+    window_tokens: int = 0
+
+    def add_reconstruction(self, x: Tensor, latents: Tensor, recon: Tensor, window: int) -> None:
+        x, recon = x.double(), recon.double()
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+        self.x_sq += float(x.square().sum())
+        self.err_sq += float((x - recon).square().sum())
+        self.cos += float(torch.nn.functional.cosine_similarity(x, recon, dim=-1, eps=1e-12).sum())
+        on = latents != 0
+        self.active += float(on.sum())
+        self.tokens += x.shape[0]
+        room = max(0, window - self.window_tokens)
+        if self.fired is None:
+            self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
+        if room:
+            self.fired += on[:room].sum(0).double()
+            self.window_tokens += min(room, x.shape[0])
+
+
+def evaluate_sae(model: Any, sae: Any, site: str, prompts: Sequence[str], config: EvalConfig | None = None,
+                 **options: Any) -> SAEEvalResult:
+    """Evaluate ``sae`` at ``site`` of ``model`` on ``prompts`` (settings: :class:`EvalConfig`)."""
+    cfg = EvalConfig.from_dict(options) if config is None else config.replace(**options)
+    prompts = list(prompts)
     if not prompts:
         raise MechkitError("no prompts to evaluate the SAE on")
-    ablate = Zero() if ablation == "zero" else Mean(over="tokens")
-    totals = {"clean": 0.0, "sae": 0.0, "ablated": 0.0}
-    kl_sum, count, positions = 0.0, 0, 0
-    for start in range(0, len(prompts), batch_size):
-        batch = model.tokenize(list(prompts[start:start + batch_size]))
-        clean = model(batch)
-        with model.splice(site, sae, keep_error=False):
-            spliced = model(batch)
-        ablated, _ = model.run_with_interventions(batch, {site: ablate})
-        for name, logits in (("clean", clean), ("sae", spliced), ("ablated", ablated)):
-            loss, n = next_token_loss(logits, batch.input_ids, batch.attention_mask)
-            totals[name] += loss
-        count += n
-        real = batch.attention_mask.bool()
-        kl = (clean.log_softmax(-1).exp() * (clean.log_softmax(-1) - spliced.log_softmax(-1))).sum(-1)
-        kl_sum, positions = kl_sum + float(kl[real].sum()), positions + int(real.sum())
-    if count == 0:
+    host = str(model.resolve(site)[0]) if len(model.resolve(site)) == 1 else site
+    d_sae = _width(sae)
+    totals = _Totals(d_sae)
+    batches = [model.tokenize(prompts[i:i + cfg.batch_size]) for i in range(0, len(prompts), cfg.batch_size)]
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, desc="SAE eval", disable=not cfg.progress, leave=False):
+        _first_pass(model, sae, host, batch, totals, cfg)
+    if totals.predictions == 0:
         raise MechkitError("the prompts have no next-token predictions (every prompt is one token long)")
-    ce = {k: v / count for k, v in totals.items()}
-    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_ablated": ce["ablated"],
-            "recovered": ce_loss_recovered(ce["clean"], ce["sae"], ce["ablated"]), "kl": kl_sum / positions}
+    mean = (totals.x_sum / totals.tokens).to(torch.float32)
+    for batch in tqdm(batches, desc="SAE eval (mean ablation)", disable=not cfg.progress, leave=False):
+        logits, _ = model.run_with_interventions(batch, {host: Mean(value=mean)})
+        totals.ce["mean"] += next_token_loss(logits, batch.input_ids, batch.attention_mask)[0]
+    return _result(model, sae, host, totals, cfg)
+
+
+def _first_pass(model: Any, sae: Any, host: str, batch: Any, totals: _Totals, cfg: EvalConfig) -> None:
+    parts = [f"{host}.sae.{p}" for p in ("in", "latents", "recon")]
+    real = batch.attention_mask.bool()
+    clean = model(batch)
+    with model.splice(host, sae, name="sae", keep_error=False):
+        spliced, cache = model.run_with_cache(batch, parts)
+    zero, _ = model.run_with_interventions(batch, {host: Zero()})
+    for name, logits in (("clean", clean), ("sae", spliced), ("zero", zero)):
+        loss, count = next_token_loss(logits, batch.input_ids, batch.attention_mask)
+        totals.ce[name] += loss
+    totals.predictions += count
+    totals.kl += kl_divergence(clean, spliced, real) * int(real.sum())
+    x, latents, recon = (cache[p][real] for p in parts)
+    totals.add_reconstruction(x, latents, recon, cfg.dead_window)
+
+
+def _result(model: Any, sae: Any, host: str, t: _Totals, cfg: EvalConfig) -> SAEEvalResult:
+    ce = {k: v / t.predictions for k, v in t.ce.items()}
+    variance = t.x_sq - float(t.x_sum.square().sum()) / t.tokens
+    if variance <= 0:
+        raise MechkitError("the site's activations have zero variance on these prompts: FVU is undefined")
+    frequency = t.fired / t.window_tokens
+    return SAEEvalResult(
+        site=host, n_tokens=t.tokens, n_predictions=t.predictions, l0=t.active / t.tokens,
+        fvu=t.err_sq / variance, cosine=t.cos / t.tokens,
+        dead_fraction=float((frequency == 0).double().mean()),
+        dense_fraction=float((frequency > cfg.dense_threshold).double().mean()),
+        dead_window=t.window_tokens, ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_mean=ce["mean"],
+        recovered_zero=ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
+        recovered_mean=ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"]),
+        kl=t.kl / t.tokens, firing_frequency=frequency.float(),
+        config=cfg.to_dict(), provenance=provenance(model, [host]),
+    )
+
+
+def _width(sae: Any) -> int:
+    """The number of latents (from sae-lens's cfg or the decoder)."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is not None and getattr(cfg, "d_sae", None):
+        return int(cfg.d_sae)
+    w_dec = getattr(sae, "W_dec", None)
+    if isinstance(w_dec, Tensor):
+        return int(w_dec.shape[0])
+    raise MechkitError(f"cannot tell how many latents a {type(sae).__name__} has: give it cfg.d_sae or W_dec")
