@@ -22,6 +22,7 @@ from mechkit.config import Config, ConfigError, option
 from mechkit.errors import MechkitError
 from mechkit.interventions import Mean, Zero
 from mechkit.provenance import provenance
+from mechkit.sae.directions import n_latents
 from mechkit.sae.functional import ce_loss_recovered, kl_divergence
 from mechkit.sae.result import SAEEvalResult
 
@@ -95,8 +96,7 @@ def evaluate_sae(model: Any, sae: Any, site: str, prompts: Sequence[str], config
     if not prompts:
         raise MechkitError("no prompts to evaluate the SAE on")
     host = str(model.resolve(site)[0]) if len(model.resolve(site)) == 1 else site
-    d_sae = _width(sae)
-    totals = _Totals(d_sae)
+    totals = _Totals(n_latents(sae))
     batches = [model.tokenize(prompts[i:i + cfg.batch_size]) for i in range(0, len(prompts), cfg.batch_size)]
     from tqdm.auto import tqdm
 
@@ -145,13 +145,3 @@ def _result(model: Any, sae: Any, host: str, t: _Totals, cfg: EvalConfig) -> SAE
         config=cfg.to_dict(), provenance=provenance(model, [host]),
     )
 
-
-def _width(sae: Any) -> int:
-    """The number of latents (from sae-lens's cfg or the decoder)."""
-    cfg = getattr(sae, "cfg", None)
-    if cfg is not None and getattr(cfg, "d_sae", None):
-        return int(cfg.d_sae)
-    w_dec = getattr(sae, "W_dec", None)
-    if isinstance(w_dec, Tensor):
-        return int(w_dec.shape[0])
-    raise MechkitError(f"cannot tell how many latents a {type(sae).__name__} has: give it cfg.d_sae or W_dec")
