@@ -10,9 +10,11 @@ from mechkit.patching.metrics import (
     recovery,
 )
 from mechkit.patching.pairs import PatchingPairs, answer_token, make_pairs
+from mechkit.patching.result import PatchingResult
 
 __all__ = [
     "PatchingPairs",
+    "PatchingResult",
     "accuracy",
     "answer_logprob",
     "answer_prob",

@@ -60,3 +60,22 @@ def test_bad_pairs(model):
     pairs = make_pairs(model, ["The box is"], ["The pen is"], [" red"])
     with pytest.raises(MechkitError, match="counterfactual"):
         logit_diff(model(pairs.clean), pairs)
+
+
+def test_patching_result_frame_top_plot_and_round_trip(tmp_path):
+    from mechkit.patching.result import PatchingResult
+
+    scores = torch.tensor([[[0.1, 0.9], [0.0, -0.5]], [[0.2, float("nan")], [0.3, 0.4]]])
+    result = PatchingResult(scores=scores, axes=("site", "head", "position"),
+                            labels={"site": ["a", "b"], "position": ["0: x", "1: y"]}, method="activation",
+                            metric="logit_diff", clean=2.0, corrupt=-1.0, n_prompts=3)
+    frame = result.to_frame()
+    assert len(frame) == 8 and set(frame.columns) >= {"site", "head", "position", "score"}
+    top = result.top(2)
+    assert list(top["score"]) == pytest.approx([0.9, -0.5])
+    assert result.plot() is not None and result.plot(select={"position": 0}) is not None
+    result.save(tmp_path / "r")
+    assert PatchingResult.load(tmp_path / "r").equals(result)
+    with pytest.raises(MechkitError, match="labels"):
+        PatchingResult(scores=scores, axes=("site", "head", "position"), labels={"site": ["a"]},
+                       method="activation", metric="m")
