@@ -291,7 +291,11 @@ def _decode(value: Any, tensors: dict[str, Tensor], folder: Path) -> Any:
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        # NaN marks a missing cell (e.g. a position no prompt has): equal to NaN in the same place
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        same = torch.eq(a, b)
+        return bool((same | (a.isnan() & b.isnan()) if a.is_floating_point() else same).all())
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
