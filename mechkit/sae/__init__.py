@@ -13,13 +13,17 @@ from mechkit.sae.functional import (
     kl_divergence,
     l0,
 )
+from mechkit.sae.io import LoadedSAE, SAEProvenance, load_sae, save_sae, to_inference
 from mechkit.sae.result import SAEEvalResult, SAESweepResult
+from mechkit.sae.source import model_activations
 from mechkit.sae.sweep import sae_sweep
 from mechkit.sae.train import train_sae
 
 __all__ = [
     "EvalConfig",
+    "LoadedSAE",
     "SAEEvalResult",
+    "SAEProvenance",
     "SAESweepResult",
     "TrainConfig",
     "ce_loss_recovered",
@@ -32,6 +36,10 @@ __all__ = [
     "fvu",
     "kl_divergence",
     "l0",
+    "load_sae",
+    "model_activations",
     "sae_sweep",
+    "save_sae",
+    "to_inference",
     "train_sae",
 ]
