@@ -205,6 +205,25 @@ def probe(
     typer.echo(f"wrote {out}/sweep.png, sweep.csv, result.json")
 
 
+@app.command("run")
+def run(
+    experiment: Path = typer.Argument(..., help="experiment YAML (see experiments/)"),
+    out: Path = typer.Option(None, help="run folder (default: runs/<experiment name>); resumed if it exists"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Run a declarative experiment into a run folder: results, figures, summary and manifest."""
+    from mechkit.errors import MechkitError
+    from mechkit.report import Experiment, run_experiment
+
+    try:
+        exp = Experiment.from_file(experiment)
+        folder = out or Path("runs") / exp.name
+        run_experiment(exp, folder, progress=progress, log=typer.echo)
+    except (MechkitError, ConfigError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {folder}/summary.md, summary.html, manifest.json")
+
+
 def _read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL file (a 'prompt' string per line)."""
     if path.is_dir():
