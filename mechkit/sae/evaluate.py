@@ -1,12 +1,14 @@
 """Evaluating an SAE in its model: reconstruction, latent usage, CE-loss recovered and KL.
 
-Per batch of prompts: the clean run, the run with the site replaced by the SAE's reconstruction
-(``model.splice(site, sae, keep_error=False)``, which also caches the site's input, the latents
-and the reconstruction) and the zero-ablated run; then one more pass with the site set to its mean
-over every real token of the evaluation set (the mean-ablation baseline, METHODS §2). Every figure
-counts real tokens only: next-token cross-entropy is taken on predictions whose target is real,
-KL at every real position, reconstruction sums over real positions — so padded batches give what
-prompt-by-prompt runs give. Sums are float64 over the whole set (FVU uses the set's mean).
+Per batch of prompts: the clean run (caching the site), the run with the site replaced by the SAE's
+reconstruction of it — the same as splicing the SAE in with ``keep_error=False``, since nothing
+upstream changes — and the zero-ablated run; then one more pass with the site set to its mean over
+every evaluated token of the set (the mean-ablation baseline, METHODS §2). Every figure counts real
+tokens only: next-token cross-entropy is taken on predictions whose target is real, KL at every real
+position, reconstruction sums over real positions — so padded batches give what prompt-by-prompt
+runs give. ``skip_first`` leaves each prompt's first real tokens unreconstructed and uncounted
+(LLaMA-family attention-sink tokens carry norms ~100× the rest, and SAEs are usually trained
+without them). Sums are float64 over the whole set (FVU uses the set's mean).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from mechkit.config import Config, ConfigError, option
 from mechkit.errors import MechkitError
-from mechkit.interventions import Mean, Zero
+from mechkit.interventions import Mean, Replace, Zero
 from mechkit.provenance import provenance
 from mechkit.sae.directions import n_latents
 from mechkit.sae.functional import ce_loss_recovered, kl_divergence
@@ -37,11 +39,13 @@ class EvalConfig(Config):
     dead_window: int = option(1_000_000, help="tokens over which a latent that never fires counts as dead "
                                               "(the whole evaluation set when it is smaller)")
     dense_threshold: float = option(0.1, help="a latent active on more than this fraction of tokens is dense")
+    skip_first: int = option(0, help="first real tokens of each prompt left as they are and not counted "
+                                     "(attention-sink positions)")
     progress: bool = option(True, help="show a progress bar")
 
     def check(self) -> None:
-        if self.batch_size < 1 or self.dead_window < 1:
-            raise ConfigError("batch_size and dead_window must be at least 1")
+        if self.batch_size < 1 or self.dead_window < 1 or self.skip_first < 0:
+            raise ConfigError("batch_size and dead_window must be at least 1, skip_first at least 0")
         if not 0 < self.dense_threshold < 1:
             raise ConfigError(f"dense_threshold={self.dense_threshold}: must be in (0, 1)")
 
@@ -63,6 +67,7 @@ class _Totals:
     predictions: int = 0
     tokens: int = 0
     kl: float = 0.0
+    kl_positions: int = 0
     x_sum: Tensor | None = None
     x_sq: float = 0.0
     err_sq: float = 0.0
@@ -102,29 +107,43 @@ def evaluate_sae(model: Any, sae: Any, site: str, prompts: Sequence[str], config
 
     for batch in tqdm(batches, desc="SAE eval", disable=not cfg.progress, leave=False):
         _first_pass(model, sae, host, batch, totals, cfg)
+    if totals.tokens == 0:
+        raise MechkitError(f"no tokens left to evaluate: every prompt has at most skip_first={cfg.skip_first} tokens")
     if totals.predictions == 0:
         raise MechkitError("the prompts have no next-token predictions (every prompt is one token long)")
     mean = (totals.x_sum / totals.tokens).to(torch.float32)
     for batch in tqdm(batches, desc="SAE eval (mean ablation)", disable=not cfg.progress, leave=False):
-        logits, _ = model.run_with_interventions(batch, {host: Mean(value=mean)})
+        positions = _evaluated(batch, cfg.skip_first)
+        logits, _ = model.run_with_interventions(batch, {host: Mean(value=mean, positions=positions)})
         totals.ce["mean"] += next_token_loss(logits, batch.input_ids, batch.attention_mask)[0]
     return _result(model, sae, host, totals, cfg)
 
 
-def _first_pass(model: Any, sae: Any, host: str, batch: Any, totals: _Totals, cfg: EvalConfig) -> None:
-    parts = [f"{host}.sae.{p}" for p in ("in", "latents", "recon")]
+def _evaluated(batch: Any, skip_first: int) -> Tensor:
+    """``[batch, pos]``: the real tokens that are reconstructed and counted."""
     real = batch.attention_mask.bool()
-    clean = model(batch)
-    with model.splice(host, sae, name="sae", keep_error=False):
-        spliced, cache = model.run_with_cache(batch, parts)
-    zero, _ = model.run_with_interventions(batch, {host: Zero()})
+    return real & (torch.arange(real.shape[1]) >= skip_first)
+
+
+def _first_pass(model: Any, sae: Any, host: str, batch: Any, totals: _Totals, cfg: EvalConfig) -> None:
+    keep = _evaluated(batch, cfg.skip_first)
+    if not keep.any():
+        return
+    clean, cache = model.run_with_cache(batch, [host])
+    x = cache[host]
+    with torch.no_grad():
+        latents = sae.encode(x)
+        recon = sae.decode(latents).to(x.dtype)
+    spliced, _ = model.run_with_interventions(batch, {host: Replace(source=recon, positions=keep)})
+    zero, _ = model.run_with_interventions(batch, {host: Zero(positions=keep)})
     for name, logits in (("clean", clean), ("sae", spliced), ("zero", zero)):
         loss, count = next_token_loss(logits, batch.input_ids, batch.attention_mask)
         totals.ce[name] += loss
     totals.predictions += count
+    real = batch.attention_mask.bool()
     totals.kl += kl_divergence(clean, spliced, real) * int(real.sum())
-    x, latents, recon = (cache[p][real] for p in parts)
-    totals.add_reconstruction(x, latents, recon, cfg.dead_window)
+    totals.kl_positions += int(real.sum())
+    totals.add_reconstruction(x[keep], latents[keep], recon[keep], cfg.dead_window)
 
 
 def _result(model: Any, sae: Any, host: str, t: _Totals, cfg: EvalConfig) -> SAEEvalResult:
@@ -141,7 +160,7 @@ def _result(model: Any, sae: Any, host: str, t: _Totals, cfg: EvalConfig) -> SAE
         dead_window=t.window_tokens, ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_mean=ce["mean"],
         recovered_zero=ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
         recovered_mean=ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"]),
-        kl=t.kl / t.tokens, firing_frequency=frequency.float(),
+        kl=t.kl / t.kl_positions, firing_frequency=frequency.float(),
         config=cfg.to_dict(), provenance=provenance(model, [host]),
     )
 

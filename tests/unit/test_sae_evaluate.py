@@ -89,6 +89,26 @@ def test_padded_batches_equal_prompt_by_prompt(setup):
         assert value == pytest.approx(getattr(single, key), rel=1e-5, abs=1e-6), key
 
 
+def test_skipped_first_tokens_are_left_alone_and_not_counted(setup):
+    model, prompts, x = setup
+    d = x.shape[1]
+    lengths = [len(model.tokenize(p).input_ids[0]) for p in prompts]
+    perfect_but_first = evaluate_sae(model, Constant(d, torch.zeros(d)), SITE, prompts, skip_first=1, progress=False)
+    assert perfect_but_first.n_tokens == sum(lengths) - len(prompts)
+    zero_all = evaluate_sae(model, Constant(d, torch.zeros(d)), SITE, prompts, progress=False)
+    # zeroing all but the first token is the zero baseline of that run: recovered 0 against it
+    assert perfect_but_first.recovered_zero == pytest.approx(0.0, abs=1e-5)
+    assert perfect_but_first.ce_zero != pytest.approx(zero_all.ce_zero)
+    batched = evaluate_sae(model, Constant(d, torch.full((d,), 0.1)), SITE, prompts, skip_first=2, batch_size=8,
+                           progress=False)
+    single = evaluate_sae(model, Constant(d, torch.full((d,), 0.1)), SITE, prompts, skip_first=2, batch_size=1,
+                          progress=False)
+    for key, value in batched.metrics().items():
+        assert value == pytest.approx(getattr(single, key), rel=1e-5, abs=1e-6), key
+    with pytest.raises(MechkitError, match="no tokens left"):
+        evaluate_sae(model, Constant(d), SITE, prompts, skip_first=100, progress=False)
+
+
 def test_result_round_trip_and_plot(setup, tmp_path):
     model, prompts, x = setup
     result = evaluate_sae(model, Constant(x.shape[1]), SITE, prompts[:4], progress=False)
