@@ -15,10 +15,14 @@ import typer
 from mechkit.activations.config import CollectConfig
 from mechkit.config import Config, ConfigError, metavar, read_mapping
 from mechkit.probing.config import SweepConfig
+from mechkit.sae.config import TrainConfig
+from mechkit.sae.evaluate import EvalConfig
 
 app = typer.Typer(help="mechkit: mechanistic interpretability with one site vocabulary.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The model zoo: list, inspect, retrain and re-evaluate bundled models.")
 app.add_typer(zoo_app, name="zoo")
+sae_app = typer.Typer(help="Sparse autoencoders: train through sae-lens, evaluate in the model, inspect latents.")
+app.add_typer(sae_app, name="sae")
 
 BACKEND = typer.Option("torch_hooks", help="torch_hooks | lens | nnsight")
 
@@ -222,6 +226,62 @@ def run(
     except (MechkitError, ConfigError, LookupError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {folder}/summary.md, summary.html, manifest.json")
+
+
+@config_command(sae_app, TrainConfig, name="train")
+def sae_train(
+    config: TrainConfig,
+    model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
+    prompts: Path = typer.Option(..., help="text file (one prompt per line) or .jsonl with a 'prompt' field"),
+    site: str = typer.Option(..., help="the site to train on, e.g. blocks.2.resid_post"),
+    backend: str = BACKEND,
+) -> None:
+    """Collect activations of real tokens at SITE once, train an SAE on them, save it to OUT_DIR/sae."""
+    import mechkit
+    from mechkit.errors import MechkitError
+    from mechkit.sae import train_sae
+
+    if config.out_dir is None:
+        _fail("pass --out-dir DIR: the trained SAE is saved in DIR/sae (its activations in DIR/activations)")
+    texts = _read_prompts(prompts)
+    try:
+        train_sae(mechkit.load(model, backend=backend), site, config=config, prompts=texts)
+    except (MechkitError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {config.out_dir}/sae (sae-lens folder + mechkit.json)")
+
+
+@config_command(sae_app, EvalConfig, name="eval")
+def sae_eval(
+    config: EvalConfig,
+    model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
+    sae: Path = typer.Argument(..., help="SAE folder (sae-lens format, e.g. OUT_DIR/sae from `mechkit sae train`)"),
+    prompts: Path = typer.Option(..., help="held-out prompts: text file or .jsonl with a 'prompt' field"),
+    out: Path = typer.Option(..., help="folder for result.json, eval.csv and frequencies.png"),
+    site: str = typer.Option(None, help="the SAE's site (default: the one recorded with the SAE)"),
+    backend: str = BACKEND,
+) -> None:
+    """Evaluate an SAE in the model: L0, FVU, dead/dense latents, CE-loss recovered (zero and mean ablation), KL."""
+    import mechkit
+    from mechkit import viz
+    from mechkit.errors import MechkitError
+    from mechkit.sae import evaluate_sae, load_sae
+
+    texts = _read_prompts(prompts)
+    try:
+        loaded = load_sae(sae)
+        site = site or (loaded.provenance.site if loaded.provenance else None)
+        if site is None:
+            _fail(f"{sae} records no site; pass --site")
+        result = evaluate_sae(mechkit.load(model, backend=backend), loaded.sae, site, texts, config=config)
+    except (MechkitError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    result.save(out)
+    frame = result.to_frame()
+    frame.to_csv(out / "eval.csv", index=False)
+    viz.save(result.plot(), out / "frequencies.png")
+    typer.echo(frame.round(4).T.to_string(header=False))
+    typer.echo(f"wrote {out}/result.json, eval.csv, frequencies.png")
 
 
 def _read_prompts(path: Path) -> list[str]:
