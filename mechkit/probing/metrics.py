@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mechkit.metrics import binary_auroc
+
 
 def accuracy(pred: Tensor, y: Tensor) -> Tensor:
     return (pred == y).float().mean(-1)
@@ -33,32 +35,8 @@ def f1(pred: Tensor, y: Tensor, n_classes: int) -> Tensor:
 def auroc(scores: Tensor, y: Tensor, n_classes: int) -> Tensor:
     """ROC-AUC from decision scores ``[..., n]`` (binary) or ``[..., n, K]`` (one-vs-rest, macro)."""
     if n_classes == 2:
-        return _binary_auc(scores, y == 1)
-    return torch.stack([_binary_auc(scores[..., c], y == c) for c in range(n_classes)]).mean(0)
-
-
-def _binary_auc(scores: Tensor, positive: Tensor) -> Tensor:
-    n_pos = positive.float().sum()
-    n_neg = positive.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return torch.full(scores.shape[:-1], float("nan"))
-    ranks = _average_ranks(scores)
-    return (ranks[..., positive].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks along the last dim, ties sharing their average rank."""
-    order = x.argsort(-1)
-    sorted_x = x.gather(-1, order)
-    n = x.shape[-1]
-    pos = torch.arange(1, n + 1, dtype=torch.float64).expand_as(x).clone()
-    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_group[..., 1:] = sorted_x[..., 1:] != sorted_x[..., :-1]
-    group = new_group.long().cumsum(-1) - 1
-    total = torch.zeros_like(pos).scatter_add_(-1, group, pos)
-    count = torch.zeros_like(pos).scatter_add_(-1, group, torch.ones_like(pos))
-    mean_rank = (total / count.clamp_min(1)).gather(-1, group)
-    return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+        return binary_auroc(scores, y == 1)
+    return torch.stack([binary_auroc(scores[..., c], y == c) for c in range(n_classes)]).mean(0)
 
 
 def bootstrap_interval(correct: Tensor, *, n_boot: int = 1000, level: float = 0.95,
