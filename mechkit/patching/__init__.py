@@ -1,5 +1,14 @@
 """Patching: activation, path and attribution patching on clean/corrupt prompt pairs."""
 
+from mechkit.patching.ablation import (
+    AblationConfig,
+    AblationResult,
+    Component,
+    ablation,
+    ablation_sweep,
+    components,
+    reference_means,
+)
 from mechkit.patching.metrics import (
     accuracy,
     answer_logprob,
@@ -10,18 +19,28 @@ from mechkit.patching.metrics import (
     recovery,
 )
 from mechkit.patching.pairs import PatchingPairs, answer_token, make_pairs
+from mechkit.patching.path import PathPatchingConfig, path_patching
 from mechkit.patching.result import PatchingResult
 
 __all__ = [
+    "AblationConfig",
+    "AblationResult",
+    "Component",
     "PatchingPairs",
     "PatchingResult",
+    "PathPatchingConfig",
+    "ablation",
+    "ablation_sweep",
     "accuracy",
     "answer_logprob",
     "answer_prob",
     "answer_token",
+    "components",
     "kl_to",
     "last_logits",
     "logit_diff",
     "make_pairs",
+    "path_patching",
     "recovery",
+    "reference_means",
 ]
