@@ -9,6 +9,8 @@ from mechkit.patching.ablation import (
     components,
     reference_means,
 )
+from mechkit.patching.activation import activation_patching
+from mechkit.patching.config import PatchConfig
 from mechkit.patching.metrics import (
     accuracy,
     answer_logprob,
@@ -26,12 +28,14 @@ __all__ = [
     "AblationConfig",
     "AblationResult",
     "Component",
+    "PatchConfig",
     "PatchingPairs",
     "PatchingResult",
     "PathPatchingConfig",
     "ablation",
     "ablation_sweep",
     "accuracy",
+    "activation_patching",
     "answer_logprob",
     "answer_prob",
     "answer_token",
