@@ -2,20 +2,20 @@
 
 sae-lens's ``TopKTrainingSAE`` decodes the dense ``[batch, d_sae]`` activations with a dense matmul
 and differentiates through the whole encoder output, although only ``k`` latents per row are
-non-zero: on a CPU the two extra ``batch × d_sae × d_in`` products of the backward pass and the
-dense decode dominate the step. :class:`SparseTopKTrainingSAE` keeps the architecture, the
-parameters, the losses (MSE plus the auxiliary dead-latent loss) and the folder format, and changes
-only how the training step computes them:
+non-zero: on a CPU the dense decode and the three dense ``batch × d_sae × d_in`` products of its
+backward pass dominate the step, where only the encoder's forward product is needed.
+:class:`SparseTopKTrainingSAE` keeps the architecture, the parameters, the losses (MSE plus the
+auxiliary dead-latent loss) and the folder format, and changes only how the step computes them:
 
-- the encoder runs once without a graph, and its top k per row is found in two short passes
-  (:func:`topk_indices`: the ``k`` groups of latents with the largest maxima, then the top k of
-  those) instead of one top-k over all ``d_sae`` latents; the selected pre-activations get their gradient through
-  :class:`_SelectedPreacts`, whose backward gathers ``k`` rows of ``W_enc`` for the input and
-  scatters into ``W_enc``/``b_enc`` only at the selected latents (a sparse ``[d_sae, batch]`` product);
+- the encoder runs once without a graph, and the top k per row is found in two narrow passes
+  (:func:`topk_indices`) instead of one top-k over all ``d_sae`` latents;
+- the selected pre-activations get their gradient through :class:`_SelectedPreacts`, whose
+  backward gathers ``k`` rows of ``W_enc`` for the input and scatters into ``W_enc`` / ``b_enc``
+  only at the selected latents (a sparse ``[d_sae, batch]`` product);
 - the decoder sums the ``k`` active rows of ``W_dec`` per token (``embedding_bag``), whose backward
   writes ``W_dec``'s gradient only for those rows;
-- the auxiliary loss looks only at the dead latents' columns (all of them when there are no more
-  than ``k_aux``, without a second top-k).
+- the auxiliary loss looks only at the dead latents' columns (all of them, without a second top-k,
+  when there are no more than ``k_aux``).
 
 The outputs and gradients equal sae-lens's own to float rounding. ``feature_acts`` comes back as a
 sparse COO tensor (sae-lens's trainer and :func:`mechkit.sae.train.live_metrics` read both kinds).
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import TopKTrainingSAE
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from torch import Tensor
 
-__all__ = ["SparseTopKTrainingSAE", "sparse_topk_training_sae", "topk_indices"]
+__all__ = ["SparseTopKTrainingSAE", "topk_indices"]
 
 # input normalisations that sae-lens applies inside the SAE (the others happen in the trainer)
 _IN_SAE_NORMALISATION = ("constant_norm_rescale", "layer_norm")
@@ -86,11 +86,6 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
             return None
         dead = mask.nonzero().flatten()
         return dead if len(dead) > 0 else None
-
-
-def sparse_topk_training_sae(cfg: TopKTrainingSAEConfig) -> SparseTopKTrainingSAE:
-    """A freshly initialised :class:`SparseTopKTrainingSAE` (from the global RNG, as sae-lens's own)."""
-    return SparseTopKTrainingSAE(cfg)
 
 
 # -- the pieces of the step ------------------------------------------------------------------------

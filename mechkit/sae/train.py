@@ -140,9 +140,11 @@ def _build(cfg: TrainConfig, d_in: int, site: str | None) -> Any:
     import sae_lens as sl
     from sae_lens.saes.sae import SAEMetadata
 
+    from mechkit.sae.sparse_topk import SparseTopKTrainingSAE  # sae-lens's TopK, with a sparse decode
+
     common = dict(d_in=d_in, d_sae=cfg.d_sae, metadata=SAEMetadata(hook_name=str(site) if site is not None else None))
     builders = {
-        "topk": lambda: sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(k=cfg.k, **common)),
+        "topk": lambda: SparseTopKTrainingSAE(sl.TopKTrainingSAEConfig(k=cfg.k, **common)),
         "batchtopk": lambda: sl.BatchTopKTrainingSAE(sl.BatchTopKTrainingSAEConfig(k=cfg.k, **common)),
         "matryoshka_batchtopk": lambda: sl.MatryoshkaBatchTopKTrainingSAE(sl.MatryoshkaBatchTopKTrainingSAEConfig(
             k=cfg.k, matryoshka_widths=list(cfg.widths), **common)),
