@@ -57,6 +57,7 @@ METHODS: dict[str, Method] = {
     "probe_sweep": Method("mechkit.probing:probe_sweep", "mechkit.probing.config:SweepConfig"),
     "activation_patching": Method("mechkit.patching.activation:activation_patching",
                                   "mechkit.patching.config:PatchConfig", "pairs"),
+    "path_patching": Method("mechkit.patching.path:path_patching", "mechkit.patching.path:PathPatchingConfig", "pairs"),
 }
 
 _TOP_KEYS = {"name", "model", "backend", "seeds", "data", "steps", "description"}

@@ -88,3 +88,14 @@ def test_a_changed_experiment_is_not_mixed_into_an_old_run(tmp_path):
     changed = _write(tmp_path, {**EXPERIMENT, "steps": EXPERIMENT["steps"][1:]})
     with pytest.raises(Exception, match="different experiment"):
         run_experiment(changed, tmp_path / "run", progress=False)
+
+
+def test_shipped_experiments_parse_and_one_runs(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).parents[2] / "experiments"
+    experiments = [Experiment.from_file(p) for p in sorted(folder.glob("*.yaml"))]
+    assert {e.name for e in experiments} >= {"ioi-facts-lm", "colored-objects-facts-lm"}
+    manifest = run_experiment(folder / "colored_objects_facts_lm.yaml", tmp_path / "run", progress=False)
+    assert set(manifest["steps"]) == {"residual/seed-0", "layer-outputs/seed-0"}
+    assert (tmp_path / "run" / "steps" / "residual" / "seed-0" / "figure.png").is_file()
