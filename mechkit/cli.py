@@ -14,6 +14,7 @@ import typer
 
 from mechkit.activations.config import CollectConfig
 from mechkit.config import Config, ConfigError, metavar, read_mapping
+from mechkit.patching.config import PatchConfig
 from mechkit.probing.config import SweepConfig
 from mechkit.sae.config import TrainConfig
 from mechkit.sae.evaluate import EvalConfig
@@ -207,6 +208,38 @@ def probe(
     typer.echo(f"concept depth: jump {jump}, converging {depth.converging:.2f}, peak {depth.peak:.2f} "
                f"({depth.peak_accuracy:.3f}); chance {result.chance:.2f}")
     typer.echo(f"wrote {out}/sweep.png, sweep.csv, result.json")
+
+
+@config_command(app, PatchConfig)
+def patch(
+    config: PatchConfig,
+    model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
+    out: Path = typer.Option(..., help="folder for result.json, table.csv and figure.png"),
+    task: str = typer.Option(None, help="a mechkit task with corruptions (ioi, colored_objects, ...)"),
+    dataset: Path = typer.Option(None, help="JSONL of items with prompt, answer, corrupt_prompt (and corrupt_answer)"),
+    n: int = typer.Option(32, help="prompt pairs generated from --task"),
+    seed: int = typer.Option(0, help="seed of the generated pairs"),
+    backend: str = BACKEND,
+) -> None:
+    """One activation-patching sweep on clean/corrupt pairs: scores, a heatmap and the top cells."""
+    import mechkit
+    from mechkit import tasks, viz
+    from mechkit.errors import MechkitError
+    from mechkit.patching import activation_patching, make_pairs
+
+    if (task is None) == (dataset is None):
+        _fail("pass exactly one of --task NAME or --dataset FILE.jsonl")
+    try:
+        items = tasks.TaskSet.from_jsonl(dataset) if dataset else tasks.generate(task, n, seed)
+        wrapped = mechkit.load(model, backend=backend)
+        result = activation_patching(wrapped, make_pairs(wrapped, items), config=config)
+    except (MechkitError, LookupError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    result.save(out)
+    result.to_frame().to_csv(out / "table.csv", index=False)
+    viz.save(result.plot(), out / "figure.png")
+    typer.echo(result.top(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {out}/result.json, table.csv, figure.png")
 
 
 @app.command("run")
