@@ -317,6 +317,51 @@ def sae_eval(
     typer.echo(f"wrote {out}/result.json, eval.csv, frequencies.png")
 
 
+@sae_app.command("inspect")
+def sae_inspect(
+    model: str = typer.Argument(..., help="HF id, local folder or zoo:NAME"),
+    sae: Path = typer.Argument(..., help="SAE folder (sae-lens format)"),
+    prompts: Path = typer.Option(..., help="prompts to search: text file or .jsonl with a 'prompt' field"),
+    out: Path = typer.Option(..., help="folder for top_contexts.html, frequencies.png and logit_effects.csv"),
+    latents: str = typer.Option(None, help="comma-separated latent indices (default: the 20 most frequent)"),
+    k: int = typer.Option(8, help="top contexts per latent"),
+    site: str = typer.Option(None, help="the SAE's site (default: the one recorded with the SAE)"),
+    backend: str = BACKEND,
+) -> None:
+    """Top-activating contexts (HTML), the firing-frequency histogram and the decoder logit effects of latents."""
+    import mechkit
+    from mechkit import viz
+    from mechkit.errors import MechkitError
+    from mechkit.sae import load_sae, logit_effects, top_contexts
+
+    texts = _read_prompts(prompts)
+    try:
+        chosen = [int(v) for v in latents.split(",")] if latents else None
+    except ValueError:
+        _fail(f"--latents {latents!r}: give comma-separated integers, e.g. 3,17,42")
+    try:
+        loaded = load_sae(sae)
+        site = site or (loaded.provenance.site if loaded.provenance else None)
+        if site is None:
+            _fail(f"{sae} records no site; pass --site")
+        wrapped = mechkit.load(model, backend=backend)
+        contexts = top_contexts(wrapped, loaded.sae, site, texts, k=k)
+        if chosen is None:
+            chosen = contexts.frequency.argsort(descending=True)[:20].tolist()
+        effects = logit_effects(wrapped, loaded.sae, chosen, k=10)
+    except (MechkitError, LookupError, OSError) as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "top_contexts.html").write_text("".join(contexts.html(i) for i in chosen))
+    effects.to_frame().to_csv(out / "logit_effects.csv", index=False)
+    from mechkit.sae.result import plot_frequencies
+
+    fig = viz.figure()
+    plot_frequencies(fig.add_subplot(), contexts.frequency, window=contexts.n_tokens)
+    viz.save(fig, out / "frequencies.png")
+    typer.echo(f"wrote {out}/top_contexts.html ({len(chosen)} latents), frequencies.png, logit_effects.csv")
+
+
 def _read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL file (a 'prompt' string per line)."""
     if path.is_dir():

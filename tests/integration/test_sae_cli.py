@@ -38,6 +38,12 @@ def test_train_then_eval(tmp_path):
     direct = evaluate_sae(mechkit.load("zoo:facts-lm"), loaded.sae, SITE, held_out.read_text().splitlines(),
                           progress=False)
     assert saved["fvu"] == pytest.approx(direct.fvu, rel=1e-9)
+    inspected = runner.invoke(app, ["sae", "inspect", "zoo:facts-lm", str(tmp_path / "run" / "sae"), "--prompts",
+                                    str(held_out), "--out", str(tmp_path / "inspect"), "--latents", "0,5", "--k", "3"])
+    assert inspected.exit_code == 0, inspected.output
+    page = (tmp_path / "inspect" / "top_contexts.html").read_text()
+    assert "latent 0" in page and "latent 5" in page
+    assert (tmp_path / "inspect" / "frequencies.png").is_file()
 
 
 def test_clear_errors(tmp_path):
