@@ -150,3 +150,14 @@ def test_bad_input(setup):
         evaluate_sae(model, Constant(x.shape[1]), SITE, prompts, dense_threshold=2.0)
     with pytest.raises(MechkitError, match="latents"):
         evaluate_sae(model, object(), SITE, prompts, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["lens", "nnsight"])
+def test_every_backend_gives_the_same_evaluation(setup, backend):
+    model, prompts, x = setup
+    sae = Constant(x.shape[1], torch.full((x.shape[1],), 0.1))
+    reference = evaluate_sae(model, sae, SITE, prompts[:8], batch_size=4, progress=False)
+    other = evaluate_sae(mechkit.load("zoo:facts-lm", backend=backend), sae, SITE, prompts[:8], batch_size=4,
+                         progress=False)
+    for key, value in reference.metrics().items():
+        assert getattr(other, key) == pytest.approx(value, rel=1e-4, abs=1e-5), key
