@@ -34,6 +34,7 @@ from mechkit.sae.sparse_probing import (
 )
 from mechkit.sae.sweep import sae_sweep
 from mechkit.sae.train import train_sae
+from mechkit.sae.transcoder import TranscoderSplice, splice_transcoder
 
 __all__ = [
     "AbsorptionConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "SparseProbingResult",
     "TopContextsResult",
     "TrainConfig",
+    "TranscoderSplice",
     "activation_frequency",
     "ce_loss_recovered",
     "compare_with_probes",
@@ -68,6 +70,7 @@ __all__ = [
     "model_activations",
     "sae_sweep",
     "save_sae",
+    "splice_transcoder",
     "to_inference",
     "top_contexts",
     "train_sae",
