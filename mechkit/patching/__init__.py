@@ -10,6 +10,14 @@ from mechkit.patching.ablation import (
     reference_means,
 )
 from mechkit.patching.activation import activation_patching
+from mechkit.patching.attribution import (
+    NODE_SITES,
+    AttributionConfig,
+    AttributionCorrelation,
+    attribution_correlation,
+    attribution_nodes,
+    attribution_patching,
+)
 from mechkit.patching.config import PatchConfig
 from mechkit.patching.metrics import (
     accuracy,
@@ -22,11 +30,15 @@ from mechkit.patching.metrics import (
 )
 from mechkit.patching.pairs import PatchingPairs, answer_token, make_pairs
 from mechkit.patching.path import PathPatchingConfig, path_patching
+from mechkit.patching.relevance import relevance_rules
 from mechkit.patching.result import PatchingResult
 
 __all__ = [
+    "NODE_SITES",
     "AblationConfig",
     "AblationResult",
+    "AttributionConfig",
+    "AttributionCorrelation",
     "Component",
     "PatchConfig",
     "PatchingPairs",
@@ -39,6 +51,9 @@ __all__ = [
     "answer_logprob",
     "answer_prob",
     "answer_token",
+    "attribution_correlation",
+    "attribution_nodes",
+    "attribution_patching",
     "components",
     "kl_to",
     "last_logits",
@@ -47,4 +62,5 @@ __all__ = [
     "path_patching",
     "recovery",
     "reference_means",
+    "relevance_rules",
 ]

@@ -57,6 +57,8 @@ METHODS: dict[str, Method] = {
     "probe_sweep": Method("mechkit.probing:probe_sweep", "mechkit.probing.config:SweepConfig"),
     "activation_patching": Method("mechkit.patching.activation:activation_patching",
                                   "mechkit.patching.config:PatchConfig", "pairs"),
+    "attribution_patching": Method("mechkit.patching.attribution:attribution_patching",
+                                   "mechkit.patching.attribution:AttributionConfig", "pairs"),
     "path_patching": Method("mechkit.patching.path:path_patching", "mechkit.patching.path:PathPatchingConfig", "pairs"),
 }
 
