@@ -32,6 +32,9 @@ class ModArithTask:
     """Fraction of all examples (over all ops) used for training; the rest is the test set."""
     seed: int = 0
     """Seed of the train/test split."""
+    shuffle_seed: int | None = None
+    """If set, the training labels are permuted once among the training examples with this seed (a
+    label-shuffled control: memorisable, nothing to generalise); test labels stay true."""
 
     def __post_init__(self) -> None:
         if self.p < 2:
@@ -55,11 +58,15 @@ class ModArithTask:
         return {"pad_token_id": v["<pad>"], "bos_token_id": v["<bos>"], "eos_token_id": v["<eos>"]}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ops": list(self.ops)}
+        d = {**asdict(self), "ops": list(self.ops)}
+        if self.shuffle_seed is None:  # the cards and run specs of unshuffled tasks stay as they were
+            del d["shuffle_seed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModArithTask:
-        return cls(p=d["p"], ops=tuple(d["ops"]), train_frac=d["train_frac"], seed=d["seed"])
+        return cls(p=d["p"], ops=tuple(d["ops"]), train_frac=d["train_frac"], seed=d["seed"],
+                   shuffle_seed=d.get("shuffle_seed"))
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class ModArithData:
 
 def make_data(task: ModArithTask, train_mask: torch.Tensor | None = None) -> ModArithData:
     """All examples of ``task`` in a fixed order (op-major, then a, then b) and the split. A stored
-    ``train_mask`` (from a model folder) overrides the seeded split."""
+    ``train_mask`` (from a model folder) overrides the seeded split. With ``task.shuffle_seed`` the
+    training labels are permuted among the training examples (``data.labels`` then holds them)."""
     p, vocab = task.p, task.vocab
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     a, b = a.flatten(), b.flatten()
@@ -91,7 +99,13 @@ def make_data(task: ModArithTask, train_mask: torch.Tensor | None = None) -> Mod
         train_mask[perm[: int(task.train_frac * len(labels))]] = True
     if train_mask.shape != labels.shape:
         raise ValueError(f"train mask has shape {tuple(train_mask.shape)}, expected {tuple(labels.shape)}")
-    return ModArithData(tokens, labels, op_idx, train_mask.bool())
+    train_mask = train_mask.bool()
+    if task.shuffle_seed is not None:
+        rows = train_mask.nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(task.shuffle_seed)
+        labels = labels.clone()
+        labels[rows] = labels[rows[torch.randperm(len(rows), generator=gen)]]
+    return ModArithData(tokens, labels, op_idx, train_mask)
 
 
 def prompts(task: ModArithTask, data: ModArithData) -> list[str]:

@@ -78,6 +78,13 @@ ZOO: dict[str, ZooEntry] = {
             "mechkit.zoo.recipes.moe_grok",
         ),
         ZooEntry(
+            "moe-grok-deep",
+            "6-layer OLMoE (8 experts, top-2) on (a+b) and (a-b) mod 31; memorises, then groks. Ships 22 "
+            "checkpoints and a label-shuffled control series: the testbed for pathway consistency.",
+            "bundled",
+            "mechkit.zoo.recipes.moe_grok_deep",
+        ),
+        ZooEntry(
             "facts-lm",
             "4-layer GPT-2 word-level LM on the synthetic world corpus mixed with IOI-, colored-objects-, "
             "two-hop- and analogy-style text.",

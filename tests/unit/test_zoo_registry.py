@@ -14,7 +14,7 @@ from mechkit.tasks.modarith import ModArithTask
 from mechkit.zoo import real, registry
 from mechkit.zoo.recipes import loop, metrics
 
-EXPECTED = {"modadd-grok", "moe-grok", "facts-lm", "smollm2-135m", "minilm-l6"}
+EXPECTED = {"modadd-grok", "moe-grok", "moe-grok-deep", "facts-lm", "smollm2-135m", "minilm-l6"}
 
 
 def test_entries() -> None:

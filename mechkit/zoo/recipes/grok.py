@@ -1,4 +1,5 @@
-"""The full-batch training run shared by the grokking recipes (``modadd-grok``, ``moe-grok``).
+"""The full-batch training run shared by the grokking recipes (``modadd-grok``, ``moe-grok``,
+``moe-grok-deep``).
 
 Layout of a trained folder ``out/``::
 
@@ -65,10 +66,17 @@ class RunSpec:
     """Gradient-norm clipping (0 = off)."""
     aux_loss_coef: float = 0.0
     """Weight of the router load-balancing loss (MoE models)."""
+    aux_loss_per_layer: bool = False
+    """Balance each MoE layer on its own (mean over layers of the Switch loss of that layer) instead
+    of the transformers loss, which pools the routing of all layers: a layer can collapse there
+    while the pooled load stays even."""
     eval_every: int = 50
     """Candidate checkpoints are evaluated and written every this many steps (plus early ones)."""
     n_checkpoints: int = 20
     """How many candidate checkpoints are shipped."""
+    early_every: int = 0
+    """If > 0, candidates are also evaluated every this many steps up to step 200, so that the step
+    where train accuracy reaches 99% is located more finely (0: the fixed early steps only)."""
     state_every: int = 250
     """Training state is saved every this many steps."""
     checkpoint_dtype: str = "float16"
@@ -88,6 +96,9 @@ class RunSpec:
         d = asdict(self)
         d["task"] = self.task.to_dict()
         d["betas"] = list(self.betas)
+        for key in ("early_every", "aux_loss_per_layer"):  # the specs and cards of runs without them stay
+            if not d[key]:
+                del d[key]
         return d
 
 
@@ -108,6 +119,8 @@ def lr_at(spec: RunSpec, step: int) -> float:
 
 def candidate_steps(spec: RunSpec) -> list[int]:
     early = {s for s in (10, 20, 30, 40, 50, 75, 100, 150, 200) if s < spec.steps}
+    if spec.early_every:
+        early |= set(range(spec.early_every, min(200, spec.steps), spec.early_every))
     regular = set(range(spec.eval_every, spec.steps, spec.eval_every))
     return sorted({0, spec.steps} | early | regular)
 
@@ -164,7 +177,8 @@ def _run(spec: RunSpec, trainer: loop.Trainer, start: int, bar, stop_after: int 
         res = model(x_train, logits_to_keep=1, **fwd_kwargs)
         loss = torch.nn.functional.cross_entropy(res.logits[:, -1].float(), y_train)
         if spec.aux_loss_coef:
-            loss = loss + spec.aux_loss_coef * res.aux_loss
+            aux = per_layer_balance_loss(res.router_logits, spec) if spec.aux_loss_per_layer else res.aux_loss
+            loss = loss + spec.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.grad_clip:
@@ -178,6 +192,19 @@ def _run(spec: RunSpec, trainer: loop.Trainer, start: int, bar, stop_after: int 
         if stop_after is not None and stop_after <= step < spec.steps:
             return step
     return None
+
+
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], spec: RunSpec) -> torch.Tensor:
+    """Mean over MoE layers of the Switch load-balancing loss of each layer, E · Σ_e f_e · P_e (f_e:
+    fraction of the tokens that route to expert e in one of their top-k slots, P_e: mean router
+    probability): transformers' loss of each layer alone (top_k at uniform routing)."""
+    n_experts, k = spec.model_config["num_experts"], spec.model_config["num_experts_per_tok"]
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        chosen = torch.nn.functional.one_hot(probs.topk(k, -1).indices, n_experts).float()  # [T, k, E]
+        losses.append(n_experts * (chosen.mean(0) * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
 
 
 def _finish(spec: RunSpec, trainer: loop.Trainer) -> dict:
