@@ -1,5 +1,7 @@
-"""MoE routing pathways: pathway strings, distance, consistency (smoothness / complexity), entropy."""
+"""MoE routing pathways: routing capture, pathway strings, distance, consistency (smoothness /
+complexity), entropy."""
 
+from mechkit.moe.capture import RoutingTrace, capture_routing
 from mechkit.moe.functional import (
     complexity,
     layer_cosines,
@@ -13,6 +15,8 @@ from mechkit.moe.functional import (
 )
 
 __all__ = [
+    "RoutingTrace",
+    "capture_routing",
     "complexity",
     "layer_cosines",
     "mean_pathway_distance",
