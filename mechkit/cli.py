@@ -298,15 +298,12 @@ def sae_eval(
     import mechkit
     from mechkit import viz
     from mechkit.errors import MechkitError
-    from mechkit.sae import evaluate_sae, load_sae
+    from mechkit.sae import evaluate_sae
 
     texts = _read_prompts(prompts)
     try:
-        loaded = load_sae(sae)
-        site = site or (loaded.provenance.site if loaded.provenance else None)
-        if site is None:
-            _fail(f"{sae} records no site; pass --site")
-        result = evaluate_sae(mechkit.load(model, backend=backend), loaded.sae, site, texts, config=config)
+        loaded, site = _sae_and_site(sae, site)
+        result = evaluate_sae(mechkit.load(model, backend=backend), loaded, site, texts, config=config)
     except (MechkitError, LookupError, OSError) as exc:
         _fail(str(exc))
     result.save(out)
@@ -332,7 +329,7 @@ def sae_inspect(
     import mechkit
     from mechkit import viz
     from mechkit.errors import MechkitError
-    from mechkit.sae import load_sae, logit_effects, top_contexts
+    from mechkit.sae import logit_effects, top_contexts
 
     texts = _read_prompts(prompts)
     try:
@@ -340,15 +337,12 @@ def sae_inspect(
     except ValueError:
         _fail(f"--latents {latents!r}: give comma-separated integers, e.g. 3,17,42")
     try:
-        loaded = load_sae(sae)
-        site = site or (loaded.provenance.site if loaded.provenance else None)
-        if site is None:
-            _fail(f"{sae} records no site; pass --site")
+        loaded, site = _sae_and_site(sae, site)
         wrapped = mechkit.load(model, backend=backend)
-        contexts = top_contexts(wrapped, loaded.sae, site, texts, k=k)
+        contexts = top_contexts(wrapped, loaded, site, texts, k=k)
         if chosen is None:
             chosen = contexts.frequency.argsort(descending=True)[:20].tolist()
-        effects = logit_effects(wrapped, loaded.sae, chosen, k=10)
+        effects = logit_effects(wrapped, loaded, chosen, k=10)
     except (MechkitError, LookupError, OSError) as exc:
         _fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +354,17 @@ def sae_inspect(
     plot_frequencies(fig.add_subplot(), contexts.frequency, window=contexts.n_tokens)
     viz.save(fig, out / "frequencies.png")
     typer.echo(f"wrote {out}/top_contexts.html ({len(chosen)} latents), frequencies.png, logit_effects.csv")
+
+
+def _sae_and_site(folder: Path, site: str | None) -> tuple[Any, str]:
+    """The SAE saved in ``folder`` and its site: ``site`` if given, else the one recorded with it."""
+    from mechkit.sae import load_sae
+
+    loaded = load_sae(folder)
+    site = site or (loaded.provenance.site if loaded.provenance else None)
+    if site is None:
+        _fail(f"{folder} records no site; pass --site")
+    return loaded.sae, site
 
 
 def _read_prompts(path: Path) -> list[str]:

@@ -27,6 +27,7 @@ from mechkit.provenance import provenance
 from mechkit.sae.directions import n_latents
 from mechkit.sae.functional import ce_loss_recovered, kl_divergence
 from mechkit.sae.result import SAEEvalResult
+from mechkit.sae.source import one_site
 
 __all__ = ["EvalConfig", "evaluate_sae", "next_token_loss"]
 
@@ -100,7 +101,7 @@ def evaluate_sae(model: Any, sae: Any, site: str, prompts: Sequence[str], config
     prompts = list(prompts)
     if not prompts:
         raise MechkitError("no prompts to evaluate the SAE on")
-    host = str(model.resolve(site)[0]) if len(model.resolve(site)) == 1 else site
+    host = str(one_site(model, site))
     totals = _Totals(n_latents(sae))
     batches = [model.tokenize(prompts[i:i + cfg.batch_size]) for i in range(0, len(prompts), cfg.batch_size)]
     from tqdm.auto import tqdm

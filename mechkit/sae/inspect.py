@@ -26,19 +26,13 @@ from mechkit.sae.compare import encode_rows
 from mechkit.sae.directions import decoder_directions, n_latents
 from mechkit.sae.functional import firing_frequency
 from mechkit.sae.result import plot_frequencies
+from mechkit.sae.source import one_site
 
 __all__ = ["FrequencyResult", "LogitEffectsResult", "TopContextsResult", "activation_frequency", "logit_effects",
            "top_contexts"]
 
 SHOWN = 8  # latents rendered by a result's _repr_html_
 PROGRESS = 256  # runs over more prompts than this show a progress bar
-
-
-def _host(model: Any, site: str) -> str:
-    resolved = model.resolve(site)
-    if len(resolved) != 1:
-        raise MechkitError(f"{site!r} names {len(resolved)} sites; inspect an SAE at exactly one")
-    return str(resolved[0])
 
 
 def _latent_index(sae: Any, latents: Any) -> Tensor:
@@ -157,7 +151,7 @@ def top_contexts(model: Any, sae: Any, site: str, prompts: Sequence[Any], *, lat
     before, after = (window, window) if isinstance(window, int) else tuple(window)
     if k < 1 or before < 0 or after < 0:
         raise MechkitError(f"k={k}, window={window}: k must be at least 1 and the window non-negative")
-    host = _host(model, site)
+    host = str(one_site(model, site))
     running = _RunningTop(_latent_index(sae, latents), k, int(before), int(after))
     for start, batch, z in _latent_batches(model, sae, host, prompts, batch_size, progress=len(prompts) > PROGRESS):
         running.add(start, batch, z)
@@ -175,7 +169,7 @@ def top_contexts(model: Any, sae: Any, site: str, prompts: Sequence[Any], *, lat
 def activation_frequency(model: Any, sae: Any, site: str, prompts: Sequence[Any], *,
                          batch_size: int = 16) -> FrequencyResult:
     """How often each latent fires (activation > 0) over the real tokens of ``prompts``."""
-    host = _host(model, site)
+    host = str(one_site(model, site))
     counted = {"tokens": 0}
 
     def stream() -> Iterator[Tensor]:

@@ -17,7 +17,7 @@ import torch
 from mechkit.activations.collect import collect, select_positions
 from mechkit.errors import MechkitError
 
-__all__ = ["is_model", "model_activations"]
+__all__ = ["is_model", "model_activations", "one_site"]
 
 
 def model_activations(model: Any, prompts: Sequence[Any], site: str, *, batch_size: int = 8,
@@ -29,10 +29,7 @@ def model_activations(model: Any, prompts: Sequence[Any], site: str, *, batch_si
                            "list)")
     if store_dir is not None:
         return collect(model, prompts, [site], store_dir, batch_size=batch_size, progress=progress)
-    resolved = model.resolve(site)
-    if len(resolved) != 1:
-        raise MechkitError(f"{site!r} names {len(resolved)} sites; an SAE trains on exactly one")
-    chosen = resolved[0]
+    chosen = one_site(model, site)
     rows = []
     for start in range(0, len(prompts), batch_size):
         batch = model.to_tokens(list(prompts[start:start + batch_size]))
@@ -44,6 +41,14 @@ def model_activations(model: Any, prompts: Sequence[Any], site: str, *, batch_si
         b, t = select_positions(batch, "all")  # real tokens only
         rows.append(act[b, t].reshape(len(b), -1).to(torch.float32))
     return torch.cat(rows)
+
+
+def one_site(model: Any, site: str) -> Any:
+    """The single site ``site`` names in ``model`` (an SAE works at exactly one)."""
+    resolved = model.resolve(site)
+    if len(resolved) != 1:
+        raise MechkitError(f"{site!r} names {len(resolved)} sites; an SAE works at exactly one")
+    return resolved[0]
 
 
 def is_model(source: Any) -> bool:
