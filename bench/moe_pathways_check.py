@@ -15,16 +15,14 @@ import sys
 from pathlib import Path
 
 import torch
-from rapidfuzz.distance import Levenshtein
-from rapidfuzz.process import cdist
 from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 from transformers import AutoModelForCausalLM
 
+from mechkit.moe import layer_cosines, mean_pathway_distance, pathway_strings, routing_embeddings, smoothness
 from mechkit.tasks import modarith
 from mechkit.tasks.modarith import ModArithTask
 from mechkit.zoo.recipes import grok
-from mechkit.zoo.recipes.moe_grok_deep import pathway_strings
 
 EPS, DELTA, SAMPLE = 0.1, 0.05, 300
 
@@ -37,19 +35,11 @@ def measure(folder: Path, data) -> dict:
     logits = out.logits[:, -1]
     n, t = data.tokens.shape
     probs = [lg.float().softmax(-1).view(n, t, -1).mean(1) for lg in out.router_logits]  # token-averaged
-    emb = [p @ w for p, w in zip(probs, gates)]  # routing embeddings
-    cos = torch.stack([torch.cosine_similarity(emb[i], emb[i + 1], dim=-1) for i in range(len(emb) - 1)], 1)
+    cos = layer_cosines(routing_embeddings(probs, gates))
     return {"step": int(folder.name.split("-")[1]),
             "loss": torch.nn.functional.cross_entropy(logits, data.labels, reduction="none"),
             "acc": (logits.argmax(-1) == data.labels).float(), "probs": probs,
-            "smooth": (cos / (cos.max(1, keepdim=True).values + 1e-8)).mean(1)}
-
-
-def mean_distance(strings: list[str]) -> float:
-    order = torch.randperm(len(strings), generator=torch.Generator().manual_seed(0))[:SAMPLE].tolist()
-    chosen = [strings[i] for i in order]
-    d = cdist(chosen, chosen, scorer=Levenshtein.distance, workers=1)
-    return float(d.sum() / (len(chosen) * (len(chosen) - 1)))
+            "smooth": smoothness(cos)}
 
 
 def main() -> None:
@@ -68,7 +58,8 @@ def main() -> None:
             if mem.sum() < 20:
                 continue
             strings = pathway_strings([p[train][mem] for p in r["probs"]], tau)
-            table.append((r["step"], mean_distance(strings), float(r["smooth"][train][mem].mean()),
+            distance = mean_pathway_distance(strings, max_samples=SAMPLE)
+            table.append((r["step"], distance, float(r["smooth"][train][mem].mean()),
                           float(r["loss"][train].mean()), float(r["acc"][test].mean()), int(mem.sum())))
         _, dist, smooth, loss, acc, _ = zip(*table)
         print(f"τ {tau}: {len(table)} checkpoints after memorization; distance r {pearsonr(dist, acc)[0]:+.2f} "
