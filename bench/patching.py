@@ -45,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("facts-lm", "smollm2"), default="facts-lm")
     parser.add_argument("--pairs", type=int, default=None)
+    parser.add_argument("--cases", default="resid,heads,heads_by_pos",
+                        help="comma-separated subset of resid, heads, heads_by_pos (the last on facts-lm only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.model == "smollm2":
@@ -68,14 +70,17 @@ def main() -> None:
         return recovery(logit_diff(logits, pairs).mean(), m_clean, m_corrupt).float()
 
     cases = [
-        ("resid_pre × position", tlp.get_act_patch_resid_pre, {"sites": "blocks.*.resid_pre"}, lambda s: s),
-        ("head output, all positions", tlp.get_act_patch_attn_head_out_all_pos,
+        ("resid", "resid_pre × position", tlp.get_act_patch_resid_pre, {"sites": "blocks.*.resid_pre"}, lambda s: s),
+        ("heads", "head output, all positions", tlp.get_act_patch_attn_head_out_all_pos,
          {"sites": "blocks.*.attn.z", "positions": "all"}, lambda s: s.reshape(layers, heads)),
     ]
     if args.model == "facts-lm":
-        cases.append(("head output × position", tlp.get_act_patch_attn_head_out_by_pos, {"sites": "blocks.*.attn.z"},
-                      lambda s: s.reshape(layers, heads, -1).permute(0, 2, 1)))
-    for name, tl_fn, options, shape in cases:
+        cases.append(("heads_by_pos", "head output × position", tlp.get_act_patch_attn_head_out_by_pos,
+                      {"sites": "blocks.*.attn.z"}, lambda s: s.reshape(layers, heads, -1).permute(0, 2, 1)))
+    wanted = args.cases.split(",")
+    for key, name, tl_fn, options, shape in cases:
+        if key not in wanted:
+            continue
         with torch.no_grad():
             t_tl, tl = timed(tl_fn, ht, tokens, cache, metric)
         t_lens, ours = timed(activation_patching, lens, pairs, **options)

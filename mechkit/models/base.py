@@ -211,16 +211,62 @@ class Model:
         return Run(logits, self._cache(acts, batch, read))
 
     def run_with_interventions(
-        self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None
+        self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None,
+        start: tuple[str | Site, Tensor] | None = None,
     ) -> Run:
         """Run with ``{site: intervention}`` applied; always returns ``Run(logits, cache)``.
 
         ``cache`` names sites to record (after the interventions); the cache is empty otherwise.
+        ``start=("blocks.L.resid_pre", value)`` resumes a run from a known residual stream: block L
+        reads ``value`` ([batch, pos, d_model], e.g. from a cache of the same inputs) and the blocks
+        below it are skipped where the backend can skip them (torch_hooks, HookedTransformer; the
+        others compute them and discard the result), so sweeps that patch layer L and above pay only
+        for the layers they change. Sites below L can be neither read nor written in such a run.
         """
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
-        logits, acts = self._execute(batch, read, self._writes(interventions), grad=False)
+        writes = self._writes(interventions)
+        if start is None:
+            logits, acts = self._execute(batch, read, writes, grad=False)
+        else:
+            site, value = self._start_site(start, batch, [*read, *writes])
+            writes = {**writes, site: [(site, _Start(value)), *writes.get(site, [])]}
+            with self._skipping_below(site.layer):
+                logits, acts = self._execute(batch, read, writes, grad=False)
         return Run(logits, self._cache(acts, batch, read))
+
+    def _start_site(self, start: tuple[str | Site, Tensor], batch: Batch,
+                    touched: Sequence[Site]) -> tuple[Site, Tensor]:
+        """Check a ``start=(site, value)`` pair against the run it resumes."""
+        if not (isinstance(start, tuple) and len(start) == 2 and isinstance(start[1], Tensor)):
+            raise TypeError("start must be a pair (site, tensor), "
+                            "e.g. ('blocks.4.resid_pre', cache['blocks.4.resid_pre'])")
+        sites = self.resolve(start[0])
+        if len(sites) != 1 or sites[0].kind != "resid_pre" or sites[0] != sites[0].base or sites[0].splice:
+            raise MechkitError(f"a run can start only at one blocks.L.resid_pre site, not {start[0]!r}")
+        site, value = sites[0], start[1]
+        touched = [*touched, *self.edited_sites]
+        expected = (*batch.shape, self.info.d_model)
+        if tuple(value.shape) != expected:
+            raise MechkitError(f"the start value for {site} has shape {tuple(value.shape)}; this run needs "
+                               f"{expected} (batch, positions, d_model) — take it from a run of the same inputs")
+        below = [s for s in touched if (s.layer is not None and s.layer < site.layer) or s.kind == "embed"]
+        if below:
+            raise MechkitError(f"{below[0]} lies below {site}, where this run starts, so it is never computed; "
+                               "start lower or drop that site")
+        return site, value
+
+    @property
+    def edited_sites(self) -> list[Site]:
+        """Sites that the active ``intervene`` contexts and splices write to (every run applies them)."""
+        sites = [site for group in self._context_writes for site in group]
+        return list(dict.fromkeys([*sites, *(splice.host for splice in self._splices)]))
+
+    @contextlib.contextmanager
+    def _skipping_below(self, layer: int) -> Iterator[None]:
+        """Skip blocks ``0 .. layer-1`` during the forward passes inside (a backend that cannot,
+        computes them; the start write overrides their result either way)."""
+        yield
 
     @contextlib.contextmanager
     def intervene(self, interventions: Mapping[str | Site, Any]) -> Iterator[Model]:
@@ -364,6 +410,16 @@ class Model:
     def _cache(self, acts: dict[Site, Tensor], batch: Batch, read: Sequence[Site]) -> ActivationCache:
         record = provenance(self, read, input_shape=list(batch.input_ids.shape))
         return ActivationCache(acts, record, batch.attention_mask)
+
+
+class _Start:
+    """The write that makes block L read the given residual stream (the first write at its site)."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def __call__(self, act: Tensor) -> Tensor:
+        return self.value.to(device=act.device, dtype=act.dtype)
 
 
 def _check_fired(edits: RunEdits, bases: list[Site], acts: Mapping[Site, Tensor]) -> None:

@@ -43,8 +43,9 @@ Sites that can be read but not written (``SiteNotSupportedError`` on interventio
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -200,6 +201,18 @@ class LensModel(Model):
             self.tl.train(was_training)
         return logits, state.store
 
+    @contextlib.contextmanager
+    def _skipping_below(self, layer: int) -> Iterator[None]:
+        # a HookedTransformer block maps resid_pre to resid_post; a Bridge block is HF's, wrapped
+        blocks = list(self.tl.blocks)[:layer] if self.flavour == "hooked_transformer" else []
+        try:
+            for block in blocks:
+                block.forward = _pass_through  # an instance attribute shadows the class's forward
+            yield
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+
     def _locate(self, site: Site) -> tuple[str, Tap]:
         """The hook point serving a site (aliases resolved, so one hook handles all its sites)."""
         name = self.hook_names[site]
@@ -342,3 +355,8 @@ def _as_site(site: Site, act: Tensor, shape: RunShape) -> Tensor:
 
 
 __all__ = ["LensModel", "hooked_transformer_from_gpt2", "hooked_transformer_from_hf", "hooked_transformer_from_llama"]
+
+
+def _pass_through(resid: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """A skipped HookedTransformer block: resid_post = resid_pre."""
+    return resid

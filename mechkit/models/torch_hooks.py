@@ -9,7 +9,7 @@ Attention patterns are served by mechkit's eager-equivalent attention function
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -121,10 +121,29 @@ class TorchHooksModel(Model):
             raise MechkitError(f"the residual skip of {', '.join(map(str, state.pending))} was never reached")
         return logits_of(output), state.store
 
+    @contextlib.contextmanager
+    def _skipping_below(self, layer: int) -> Iterator[None]:
+        if self.sitemap is None:
+            yield
+            return
+        blocks = [_submodule(self.module, self.sitemap.module_paths[Site("resid_pre", i)]) for i in range(layer)]
+        try:
+            for block in blocks:
+                block.forward = _pass_through  # an instance attribute shadows the class's forward
+            yield
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+
     def _call(self, batch: Batch) -> Any:
         if self.sitemap is None:
             return self.module(batch.input_ids)
         return self.module(**forward_kwargs(self.module, batch))
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
+    """A skipped block: its output is its input (every HF decoder block returns the hidden states)."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _output_hook(entries: list, state: RunState):

@@ -24,13 +24,15 @@ equals patching each prompt alone and averaging (tested).
 
 With ``skip_unchanged`` (the default) the target run is cached too, and a (cell, prompt) whose
 patch would write what the site already holds — e.g. every position before the first token where
-the clean and corrupt prompts differ — gets the unpatched metric without a forward. The forward
-passes themselves cost what one-cell-at-a-time patching costs per row; on a CPU, where a forward
-is compute-bound, skipping rows (not stacking them) is what saves time.
+the clean and corrupt prompts differ — gets the unpatched metric without a forward. Each patched
+forward resumes from the target run's residual stream at the lowest layer it patches
+(``run_with_interventions(start=...)``), so the blocks below cost nothing. On a CPU, where a
+forward is compute-bound, skipping rows and layers (not stacking rows) is what saves time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,7 +94,9 @@ def activation_patching(model: Any, pairs: PatchingPairs, config: PatchConfig | 
     denoise = cfg.direction == "denoise"
     source_batch, target_batch = (pairs.clean, pairs.corrupt) if denoise else (pairs.corrupt, pairs.clean)
     source = model.run_with_cache(source_batch, sites)
-    target = model.run_with_cache(target_batch, sites) if cfg.skip_unchanged else None
+    # the target run's residual stream at each patched layer lets patched forwards resume there
+    target_sites = [*(sites if cfg.skip_unchanged else []), *_start_sites(sites)]
+    target = model.run_with_cache(target_batch, target_sites) if target_sites else None
     m_source = _scores(metric, source.logits, pairs)
     m_target = _scores(metric, target.logits if target is not None else model(target_batch), pairs)
     m_clean, m_corrupt = (m_source, m_target) if denoise else (m_target, m_source)
@@ -310,10 +314,9 @@ def _sweep(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Pla
     count = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, cells, torch.ones(cells.shape, dtype=torch.float64))
     cells, prompts, ks = cells[moved], prompts[moved], ks[moved]
     step = _rows_per_forward(model, pairs, source, plan, cfg)
-    for start in tqdm(range(0, cells.shape[0], step), desc="activation patching", disable=not cfg.progress,
-                      leave=False):
-        chunk = slice(start, start + step)
-        values = _run_chunk(model, pairs, source, plan, cfg, metric, (cells[chunk], prompts[chunk], ks[chunk]))
+    layers = torch.tensor([site.layer or 0 for site in plan.sites])[plan.unit_site[cells // plan.slots.shape[0]]]
+    for chunk in tqdm(_chunks(layers, step), desc="activation patching", disable=not cfg.progress, leave=False):
+        values = _run_chunk(model, pairs, caches, plan, cfg, metric, (cells[chunk], prompts[chunk], ks[chunk]))
         patched.index_add_(0, cells[chunk], values)
     cells_all, prompts_all = _rows(plan, None)[:2]
     clean = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, cells_all, base[0][prompts_all])
@@ -321,10 +324,12 @@ def _sweep(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Pla
     return patched, count, clean, corrupt
 
 
-def _run_chunk(model: Any, pairs: PatchingPairs, cache: Any, plan: _Plan, cfg: PatchConfig,
+def _run_chunk(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Plan, cfg: PatchConfig,
                metric: Callable[..., Tensor], rows: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """One forward: row r is prompt ``prompts[r]`` with cell ``cells[r]`` patched."""
+    """One forward: row r is prompt ``prompts[r]`` with cell ``cells[r]`` patched; the forward
+    resumes from the target run at the lowest patched layer (the blocks below are unchanged)."""
     cells, prompts, ks = rows
+    cache, target = caches
     sub = pairs.select(prompts)
     batch = sub.corrupt if cfg.direction == "denoise" else sub.clean
     width = batch.input_ids.shape[1]
@@ -345,12 +350,34 @@ def _run_chunk(model: Any, pairs: PatchingPairs, cache: Any, plan: _Plan, cfg: P
             units[on, index_of[on]] = True
             selectors["heads" if plan.unit_axis == "head" else "neurons"] = units
         interventions[site] = Replace(source=cache[site][prompts][:, :width], **selectors)
-    run = model.run_with_interventions(batch, interventions)
+    layer = _start_layer(model, [plan.sites[s] for s in site_of.unique().tolist()])
+    start = None if layer is None else (Site("resid_pre", layer), target[Site("resid_pre", layer)][prompts][:, :width])
+    run = model.run_with_interventions(batch, interventions, start=start)
     values = _scores(metric, run.logits, sub)
     if not bool(torch.isfinite(values).all()):
         raise MechkitError("the metric returned NaN or infinite values on a patched run; check the metric "
                            "(e.g. a log of a probability that can reach 0)")
     return values
+
+
+def _chunks(layers: Tensor, step: int) -> list[slice]:
+    """Consecutive rows, at most ``step`` per forward, cut where the patched layer changes (a
+    forward resumes from its lowest patched layer, so mixing layers would waste the skip)."""
+    cuts = [0, *((layers[1:] != layers[:-1]).nonzero().flatten() + 1).tolist(), layers.shape[0]]
+    return [slice(i, min(i + step, end)) for begin, end in itertools.pairwise(cuts) for i in range(begin, end, step)]
+
+
+def _start_sites(sites: list[Site]) -> list[Site]:
+    return [Site("resid_pre", layer) for layer in sorted({s.layer for s in sites if s.layer})]
+
+
+def _start_layer(model: Any, sites: list[Site]) -> int | None:
+    """The layer a patched forward can resume from: the lowest one patched or edited by an active
+    context / splice (None when that is the embedding or layer 0)."""
+    layers = [s.layer for s in [*sites, *model.edited_sites]]
+    if any(layer is None for layer in layers) or min(layers) == 0:
+        return None
+    return min(layers)
 
 
 def _rows_per_forward(model: Any, pairs: PatchingPairs, cache: Any, plan: _Plan, cfg: PatchConfig) -> int:
