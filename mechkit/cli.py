@@ -14,6 +14,7 @@ import typer
 
 from mechkit.activations.config import CollectConfig
 from mechkit.config import Config, ConfigError, metavar, read_mapping
+from mechkit.moe.config import PathwayConfig
 from mechkit.patching.config import PatchConfig
 from mechkit.probing.config import SweepConfig
 from mechkit.sae.config import TrainConfig
@@ -240,6 +241,39 @@ def patch(
     viz.save(result.plot(), out / "figure.png")
     typer.echo(result.top(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"wrote {out}/result.json, table.csv, figure.png")
+
+
+@config_command(app, PathwayConfig)
+def pathways(
+    config: PathwayConfig,
+    checkpoints: list[Path] = typer.Argument(..., help="checkpoint folders in training order, or one model folder "
+                                             "with checkpoints/index.json"),
+    train: Path = typer.Option(None, help="JSONL of training samples (prompt, answer); default: the model "
+                               "folder's split.safetensors (zoo models)"),
+    test: Path = typer.Option(None, help="JSONL of test samples (prompt, answer); default: as --train"),
+    out: Path = typer.Option(..., help="folder for result.json, tensors, table.csv, correlations.csv, figure.png"),
+) -> None:
+    """Memorization → generalization monitor: pathway distance and smoothness of memorized samples per checkpoint."""
+    from mechkit import viz
+    from mechkit.errors import MechkitError
+    from mechkit.moe import pathway_monitor, split_samples
+
+    try:
+        if train is None or test is None:
+            if len(checkpoints) != 1:
+                _fail("without --train and --test give one zoo model folder (with card.json and split.safetensors)")
+            zoo_train, zoo_test = split_samples(checkpoints[0])
+        result = pathway_monitor(checkpoints[0] if len(checkpoints) == 1 else checkpoints,
+                                 train or zoo_train, test or zoo_test, config)
+    except (MechkitError, OSError) as exc:
+        _fail(str(exc))
+    result.save(out)
+    result.to_frame().to_csv(out / "table.csv", index=False)
+    table = result.correlations()
+    table.to_csv(out / "correlations.csv", index=False)
+    viz.save(result.plot(), out / "figure.png")
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+    typer.echo(f"wrote {out}/result.json, table.csv, correlations.csv, figure.png")
 
 
 @app.command("run")

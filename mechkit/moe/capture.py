@@ -5,6 +5,12 @@ backend and MoE family that exposes them works).
 ``capture_routing(model, prompts)`` → :class:`RoutingTrace` with ``probs[layer]`` ``[n, T, E]``
 (softmax over all experts of the router logits), ``chosen[layer]`` ``[n, T, E]`` (the model's top-k, as
 a mask) and ``mask`` ``[n, T]`` (real tokens). Padding is zero in every tensor and never averaged.
+
+For datasets too large for one pass in memory, collect the same sites into an ActivationStore and
+rebuild the trace (or only the per-sample routing, which never pads) from it::
+
+    store = mechkit.collect(model, prompts, routing_sites(model), "routing/")
+    trace = RoutingTrace.from_store(store)          # or store_sample_routing(store)
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from mechkit.moe.functional import pathway_strings
 from mechkit.provenance import provenance
 from mechkit.results import Result
 
-__all__ = ["RoutingTrace", "capture_routing"]
+__all__ = ["RoutingTrace", "capture_routing", "routing_sites", "store_sample_routing"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,6 +38,24 @@ class RoutingTrace(Result):
     probs: list[Tensor]
     chosen: list[Tensor] | None
     mask: Tensor
+
+    @classmethod
+    def from_store(cls, store: Any) -> RoutingTrace:
+        """The trace of the prompts collected into an ActivationStore at :func:`routing_sites`."""
+        layers, topk = _store_layers(store)
+        prompt, position = store.prompt_indices.load().long(), store.positions.load().long()
+        n, width = int(prompt.max()) + 1, int(position.max()) + 1
+        mask = torch.zeros(n, width)
+        mask[prompt, position] = 1.0
+
+        def scatter(rows: Tensor) -> Tensor:
+            out = torch.zeros(n, width, rows.shape[-1])
+            out[prompt, position] = rows.float()
+            return out
+
+        probs = [scatter(store[f"blocks.{i}.moe.router"].load().float().softmax(-1)) for i in layers]
+        chosen = [scatter((store[f"blocks.{i}.moe.topk"].load() != 0).float()) for i in layers] if topk else None
+        return cls(layers=layers, probs=probs, chosen=chosen, mask=mask, provenance=store.provenance)
 
     def sample_routing(self) -> list[Tensor]:
         """Per layer ``[n, E]``: each sample's probabilities averaged over its real tokens."""
@@ -54,10 +78,7 @@ class RoutingTrace(Result):
 
 def capture_routing(model: Any, prompts: Sequence[str], *, batch_size: int = 32) -> RoutingTrace:
     """Route ``prompts`` through ``model`` and record every MoE layer (see the module doc)."""
-    layers = list(getattr(model.info, "moe_layers", ()) or ())
-    if not layers:
-        raise MechkitError(f"{getattr(model.info, 'name', 'this model')} has no MoE layers (no moe.router sites); "
-                           "routing capture needs a mixture-of-experts model such as OLMoE or Mixtral")
+    layers = _moe_layers(model)
     prompts = list(prompts)
     if not prompts:
         raise MechkitError("no prompts to route")
@@ -78,6 +99,45 @@ def capture_routing(model: Any, prompts: Sequence[str], *, batch_size: int = 32)
     return RoutingTrace(layers=layers, probs=[torch.cat(p) for p in probs],
                         chosen=[torch.cat(c) for c in chosen] if have_topk else None, mask=torch.cat(masks),
                         provenance=provenance(model, sites))
+
+
+def routing_sites(model: Any) -> list[str]:
+    """The router (and, where the backend has it, top-k) sites of every MoE layer of ``model``."""
+    layers = _moe_layers(model)
+    topk = [f"blocks.{i}.moe.topk" for i in layers]
+    return [f"blocks.{i}.moe.router" for i in layers] + (topk if all(_readable(model, s) for s in topk) else [])
+
+
+def store_sample_routing(store: Any) -> list[Tensor]:
+    """Per MoE layer ``[prompts, E]``: each prompt's router probabilities averaged over its stored tokens,
+    read one layer at a time (no padded ``[n, T, E]`` tensor is built)."""
+    layers, _ = _store_layers(store)
+    prompt = store.prompt_indices.load().long()
+    n = int(prompt.max()) + 1
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, prompt, torch.ones(len(prompt), dtype=torch.float64))
+    if (counts == 0).any():
+        raise MechkitError("a prompt with no stored tokens has no pathway; collect with positions='all'")
+    out = []
+    for i in layers:
+        probs = store[f"blocks.{i}.moe.router"].load().double().softmax(-1)
+        out.append(torch.zeros(n, probs.shape[-1], dtype=torch.float64).index_add_(0, prompt, probs) / counts[:, None])
+    return out
+
+
+def _store_layers(store: Any) -> tuple[list[int], bool]:
+    router = sorted(s.layer for s in store.sites if s.kind == "moe.router" and s.head is None and s.expert is None)
+    if not router:
+        raise MechkitError(f"{store.path} holds no moe.router sites; collect routing_sites(model) into it")
+    topk = {s.layer for s in store.sites if s.kind == "moe.topk"} >= set(router)
+    return router, topk
+
+
+def _moe_layers(model: Any) -> list[int]:
+    layers = list(getattr(model.info, "moe_layers", ()) or ())
+    if not layers:
+        raise MechkitError(f"{getattr(model.info, 'name', 'this model')} has no MoE layers (no moe.router sites); "
+                           "routing capture needs a mixture-of-experts model such as OLMoE or Mixtral")
+    return layers
 
 
 def _readable(model: Any, site: str) -> bool:

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from mechkit.errors import MechkitError
 
-__all__ = ["complexity", "layer_cosines", "mean_pathway_distance", "pathway_distance", "pathway_strings",
-           "routing_embeddings", "routing_entropy", "sample_routing", "smoothness"]
+__all__ = ["complexity", "layer_cosines", "layer_pathway_distances", "mean_pathway_distance", "pathway_distance",
+           "pathway_strings", "pearson", "routing_embeddings", "routing_entropy", "sample_routing", "smoothness",
+           "spearman"]
 
 
 def sample_routing(probs: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -89,6 +90,12 @@ def mean_pathway_distance(strings: Sequence[str], *, max_samples: int | None = 2
     return float(d.sum() / (n * (n - 1)))
 
 
+def layer_pathway_distances(layers: Sequence[Tensor], tau: float = 0.7, **options) -> list[float]:
+    """The per-layer variant: mean pathway distance of the single-layer strings of each layer
+    (``options`` as for :func:`mean_pathway_distance`)."""
+    return [mean_pathway_distance(pathway_strings([g], tau), **options) for g in layers]
+
+
 def routing_embeddings(layers: Sequence[Tensor], routers: Sequence[Tensor]) -> list[Tensor]:
     """e_{i,ℓ} = Σ_k ḡ_ℓ(i,k) · W_ℓ[k] per layer: ``[samples, d_model]``."""
     if len(layers) != len(routers):
@@ -121,3 +128,27 @@ def routing_entropy(probs: Tensor) -> Tensor:
     """Entropy (nats) of each row of router probabilities ``[..., experts]``."""
     p = probs.double().clamp_min(1e-30)
     return -(p * p.log()).sum(-1)
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two 1-D series (NaN when either is constant or shorter than 3)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    if x.shape != y.shape:
+        raise MechkitError(f"series of different lengths: {x.numel()} and {y.numel()}")
+    if x.numel() < 3:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    scale = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / scale) if scale > 0 else float("nan")
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    return pearson(_ranks(x), _ranks(y))
+
+
+def _ranks(x: Tensor) -> Tensor:
+    x = x.double().flatten()
+    ties = (x[:, None] == x[None, :]).double()
+    below = (x[:, None] > x[None, :]).double().sum(1)
+    return below + (ties.sum(1) + 1) / 2
