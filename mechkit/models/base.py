@@ -212,7 +212,7 @@ class Model:
 
     def run_with_interventions(
         self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None,
-        start: tuple[str | Site, Tensor] | None = None,
+        start: tuple[str | Site, Tensor] | None = None, logits_at: str | None = None,
     ) -> Run:
         """Run with ``{site: intervention}`` applied; always returns ``Run(logits, cache)``.
 
@@ -222,18 +222,37 @@ class Model:
         below it are skipped where the backend can skip them (torch_hooks, HookedTransformer; the
         others compute them and discard the result), so sweeps that patch layer L and above pay only
         for the layers they change. Sites below L can be neither read nor written in such a run.
+        ``logits_at="last"`` computes logits only at each row's last real token (NaN elsewhere):
+        where the unembedding is large, it is a good part of a forward that a metric reading the
+        last token does not need.
         """
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
         writes = self._writes(interventions)
-        if start is None:
-            logits, acts = self._execute(batch, read, writes, grad=False)
-        else:
+        last = self._last_only(logits_at, batch, [*read, *writes])
+        skip = contextlib.nullcontext()
+        if start is not None:
             site, value = self._start_site(start, batch, [*read, *writes])
             writes = {**writes, site: [(site, _Start(value)), *writes.get(site, [])]}
-            with self._skipping_below(site.layer):
-                logits, acts = self._execute(batch, read, writes, grad=False)
+            skip = self._skipping_below(site.layer)
+        with skip, self._logits_only(last) if last is not None else contextlib.nullcontext():
+            logits, acts = self._execute(batch, read, writes, grad=False)
+        if last is not None:
+            logits = _at_positions(logits, last, batch)
         return Run(logits, self._cache(acts, batch, read))
+
+    def _last_only(self, logits_at: str | None, batch: Batch, touched: Sequence[Site]) -> Tensor | None:
+        """The positions whose logits a ``logits_at="last"`` run computes (None: all of them)."""
+        if logits_at is None:
+            return None
+        if logits_at != "last":
+            raise MechkitError(f"logits_at must be 'last' or None, not {logits_at!r}")
+        if self.info.encoder:
+            raise MechkitError("logits_at='last' is for causal LMs; an encoder's output is read at every position")
+        if any(s.kind == "logits" for s in [*touched, *self.edited_sites]):
+            raise MechkitError("a run with logits_at='last' cannot read or write the logits site; "
+                               "leave logits_at unset")
+        return RunContext(batch.attention_mask).last_positions.unique()
 
     def _start_site(self, start: tuple[str | Site, Tensor], batch: Batch,
                     touched: Sequence[Site]) -> tuple[Site, Tensor]:
@@ -255,6 +274,12 @@ class Model:
             raise MechkitError(f"{below[0]} lies below {site}, where this run starts, so it is never computed; "
                                "start lower or drop that site")
         return site, value
+
+    @contextlib.contextmanager
+    def _logits_only(self, positions: Tensor) -> Iterator[None]:
+        """Compute logits only at ``positions`` (sorted absolute indices) during the forwards inside;
+        a backend that cannot returns them all (the caller keeps the requested ones either way)."""
+        yield
 
     @property
     def edited_sites(self) -> list[Site]:
@@ -410,6 +435,16 @@ class Model:
     def _cache(self, acts: dict[Site, Tensor], batch: Batch, read: Sequence[Site]) -> ActivationCache:
         record = provenance(self, read, input_shape=list(batch.input_ids.shape))
         return ActivationCache(acts, record, batch.attention_mask)
+
+
+def _at_positions(logits: Tensor, kept: Tensor, batch: Batch) -> Tensor:
+    """Full-width logits holding each row's last-token logits and NaN elsewhere, from logits computed
+    at every position or only at the ``kept`` ones."""
+    rows, last = torch.arange(logits.shape[0]), RunContext(batch.attention_mask).last_positions.to(logits.device)
+    column = torch.searchsorted(kept.to(logits.device), last) if logits.shape[1] == kept.numel() else last
+    out = torch.full((*batch.shape, logits.shape[-1]), float("nan"), dtype=logits.dtype, device=logits.device)
+    out[rows, last] = logits[rows, column]
+    return out
 
 
 class _Start:

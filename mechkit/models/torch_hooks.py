@@ -9,6 +9,7 @@ Attention patterns are served by mechkit's eager-equivalent attention function
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class TorchHooksModel(Model):
             raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
         name = name or getattr(getattr(module, "config", None), "_name_or_path", "") or type(module).__name__
         self.module = module
+        self._logits_to_keep: Tensor | None = None
         self.sitemap: SiteMap | None = None
         if hasattr(getattr(module, "config", None), "model_type"):
             self.sitemap = build_sitemap(module, name)
@@ -135,10 +137,24 @@ class TorchHooksModel(Model):
             for block in blocks:
                 block.__dict__.pop("forward", None)
 
+    @contextlib.contextmanager
+    def _logits_only(self, positions: Tensor) -> Iterator[None]:
+        if "logits_to_keep" not in inspect.signature(self.module.forward).parameters:
+            yield
+            return
+        self._logits_to_keep = positions
+        try:
+            yield
+        finally:
+            self._logits_to_keep = None
+
     def _call(self, batch: Batch) -> Any:
         if self.sitemap is None:
             return self.module(batch.input_ids)
-        return self.module(**forward_kwargs(self.module, batch))
+        kwargs = forward_kwargs(self.module, batch)
+        if self._logits_to_keep is not None:  # HF computes the LM head only at these positions
+            kwargs["logits_to_keep"] = self._logits_to_keep
+        return self.module(**kwargs)
 
 
 def _pass_through(*args: Any, **kwargs: Any) -> Tensor:

@@ -115,3 +115,27 @@ def test_active_contexts_below_the_start_are_refused():
         with pytest.raises(MechkitError, match=r"blocks\.0\.mlp\.out lies below"):
             model.run_with_interventions(ids, {}, start=("blocks.2.resid_pre", start))
     assert model.edited_sites == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_last_token_logits_equal_the_full_run(arch):
+    for model in _backends(arch):
+        ids = tiny_ids(3, 7)
+        batch = _mask_batch(model, ids)
+        edits = {"blocks.1.mlp.out": Add(vector=torch.ones(32))}
+        full = model.run_with_interventions(batch, edits).logits
+        last = model.run_with_interventions(batch, edits, logits_at="last").logits
+        rows, at = torch.arange(3), torch.tensor([4, 6, 6])
+        assert last.shape == full.shape
+        assert torch.allclose(last[rows, at], full[rows, at], atol=1e-5), model.backend
+        keep = torch.zeros(full.shape[:2], dtype=torch.bool)
+        keep[rows, at] = True
+        assert bool(last[~keep].isnan().all())
+
+
+def test_last_token_logits_refuse_the_logits_site():
+    model = TorchHooksModel(tiny_hf_model("llama"))
+    with pytest.raises(MechkitError, match="logits site"):
+        model.run_with_interventions(tiny_ids(2, 5), {}, cache="logits", logits_at="last")
+    with pytest.raises(MechkitError, match="'last' or None"):
+        model.run_with_interventions(tiny_ids(2, 5), {}, logits_at="all")
