@@ -93,6 +93,7 @@ class LensModel(Model):
 
     def __init__(self, tl_model: Any, tokenizer: Any = None, *, name: str | None = None) -> None:
         self.tl = tl_model
+        self._logits_to_keep: Tensor | None = None
         self.flavour = flavour_of(tl_model)
         self.model_type = model_type_of(tl_model) if self.flavour == "bridge" else "hooked_transformer"
         cfg = tl_model.cfg
@@ -195,8 +196,10 @@ class LensModel(Model):
         was_training = self.tl.training
         self.tl.eval()
         try:
+            # the LM head only at the kept positions, unless a hook at the final norm needs them all
+            keep = None if any(s.kind in ("ln_final", "logits") for s in sites) else self._logits_to_keep
             with self.tl.hooks(fwd_hooks=fwd_hooks):
-                logits = self._call(batch)
+                logits = self._call(batch) if keep is None else self._last_logits(batch, keep)
         finally:
             self.tl.train(was_training)
         return logits, state.store
@@ -212,6 +215,18 @@ class LensModel(Model):
         finally:
             for block in blocks:
                 block.__dict__.pop("forward", None)
+
+    @contextlib.contextmanager
+    def _logits_only(self, positions: Tensor) -> Iterator[None]:
+        self._logits_to_keep = positions if self.flavour == "hooked_transformer" else None
+        try:
+            yield
+        finally:
+            self._logits_to_keep = None
+
+    def _last_logits(self, batch: Batch, keep: Tensor) -> Tensor:
+        resid = self.tl(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=self.tl.cfg.n_layers)
+        return self.tl.unembed(self.tl.ln_final(resid[:, keep.to(resid.device)]))
 
     def _locate(self, site: Site) -> tuple[str, Tap]:
         """The hook point serving a site (aliases resolved, so one hook handles all its sites)."""

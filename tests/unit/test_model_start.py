@@ -139,3 +139,16 @@ def test_last_token_logits_refuse_the_logits_site():
         model.run_with_interventions(tiny_ids(2, 5), {}, cache="logits", logits_at="last")
     with pytest.raises(MechkitError, match="'last' or None"):
         model.run_with_interventions(tiny_ids(2, 5), {}, logits_at="all")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_last_token_logits_skip_the_other_positions(arch):
+    for model in _backends(arch):
+        head = model.torch_module.unembed if model.backend == "lens" else model.torch_module.lm_head
+        widths: list[int] = []
+        handle = head.register_forward_hook(lambda mod, args, out, widths=widths: widths.append(args[0].shape[1]))
+        try:
+            model.run_with_interventions(_mask_batch(model, tiny_ids(3, 7)), {}, logits_at="last")
+        finally:
+            handle.remove()
+        assert widths == [2], model.backend  # rows end at positions 4 and 6
