@@ -29,7 +29,7 @@ from mechkit.config import Config, ConfigError, option
 from mechkit.errors import MechkitError
 from mechkit.interventions import Intervention, Mean, Resample, Zero
 from mechkit.models.inputs import Batch
-from mechkit.patching.metrics import resolve_metric
+from mechkit.patching.metrics import logits_needed, resolve_metric
 from mechkit.patching.pairs import PatchingPairs, answer_token
 from mechkit.patching.result import PatchingResult
 from mechkit.provenance import provenance
@@ -297,7 +297,7 @@ def _score(model: Any, targets: PatchingPairs, metric: Any, interventions: Mappi
     values = []
     for start in range(0, len(targets), batch_size):
         part = targets.select(range(start, min(start + batch_size, len(targets))))
-        logits = model.run_with_interventions(part.clean, interventions).logits
+        logits = model.run_with_interventions(part.clean, interventions, logits_at=logits_needed(model, metric)).logits
         values.append(metric(logits, part).double())
     return float(torch.cat(values).mean())
 

@@ -44,7 +44,7 @@ from torch import Tensor
 from mechkit.errors import MechkitError
 from mechkit.interventions import Replace
 from mechkit.patching.config import PatchConfig
-from mechkit.patching.metrics import METRICS, recovery, resolve_metric
+from mechkit.patching.metrics import logits_needed, recovery, resolve_metric
 from mechkit.patching.pairs import PatchingPairs
 from mechkit.patching.result import PatchingResult
 from mechkit.provenance import provenance
@@ -352,9 +352,7 @@ def _run_chunk(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: 
         interventions[site] = Replace(source=cache[site][prompts][:, :width], **selectors)
     layer = _start_layer(model, [plan.sites[s] for s in site_of.unique().tolist()])
     start = None if layer is None else (Site("resid_pre", layer), target[Site("resid_pre", layer)][prompts][:, :width])
-    # the built-in metrics read the last real token only, so the other positions need no logits
-    logits_at = "last" if metric in METRICS.values() and not model.info.encoder else None
-    run = model.run_with_interventions(batch, interventions, start=start, logits_at=logits_at)
+    run = model.run_with_interventions(batch, interventions, start=start, logits_at=logits_needed(model, metric))
     values = _scores(metric, run.logits, sub)
     if not bool(torch.isfinite(values).all()):
         raise MechkitError("the metric returned NaN or infinite values on a patched run; check the metric "

@@ -72,6 +72,12 @@ METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "logprob": answer_logpro
                               "accuracy": accuracy}
 
 
+def logits_needed(model: Any, metric: Metric) -> str | None:
+    """``"last"`` when ``metric`` is a built-in one (it reads each row's last real token only), so a
+    run may compute logits there alone (``run_with_interventions(logits_at=...)``); None otherwise."""
+    return "last" if metric in METRICS.values() and not model.info.encoder else None
+
+
 def resolve_metric(metric: str | Metric) -> Metric:
     if callable(metric):
         return metric

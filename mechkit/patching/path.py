@@ -30,7 +30,7 @@ from mechkit.config import Config, ConfigError, option
 from mechkit.errors import MechkitError
 from mechkit.interventions import Replace
 from mechkit.models.inputs import Batch
-from mechkit.patching.metrics import recovery, resolve_metric
+from mechkit.patching.metrics import logits_needed, recovery, resolve_metric
 from mechkit.patching.pairs import PatchingPairs
 from mechkit.patching.result import PatchingResult
 from mechkit.provenance import provenance
@@ -225,7 +225,7 @@ class _Sweep:
                         heads[k * block : (k + 1) * block, chosen] = True
             writes[base] = Replace(source=source.repeat(r, 1, 1, 1), heads=heads,
                                    positions=self.cfg.receiver_positions)
-        return self.model.run_with_interventions(batch, writes).logits
+        return self.model.run_with_interventions(batch, writes, logits_at=logits_needed(self.model, self.metric)).logits
 
     def _scores(self, logits: Tensor, variants: int) -> Tensor:
         """``[variants]`` prompt-mean metric of a batch that stacks ``variants`` copies of the pairs."""
