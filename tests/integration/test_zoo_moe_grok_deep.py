@@ -222,3 +222,42 @@ def test_per_layer_balance_loss_is_the_transformers_loss_of_each_layer() -> None
     got = grok.per_layer_balance_loss(layers, spec)
     torch.testing.assert_close(got, torch.stack(per_layer).mean())
     assert not torch.isclose(got, load_balancing_loss_func(layers, e, k))
+
+
+def test_router_options_keep_the_function_and_the_shipped_spec(tmp_path: Path) -> None:
+    """``center_router`` removes each router's mean expert row without changing any output (the softmax
+    over experts cannot see it) and keeps it removed through training; ``router_weight_decay`` gives the
+    routers, and only them, their own decay; by default the spec (and so the shipped run) is unchanged."""
+    import dataclasses
+
+    from mechkit.zoo.recipes import grok
+
+    base = moe_grok_deep.spec(smoke=True)
+    assert "center_router" not in base.to_dict() and "router_weight_decay" not in base.to_dict()
+    torch.manual_seed(0)
+    model = grok.build_model(base).eval()
+    routers = grok.router_weights(model)
+    assert len(routers) == base.model_config["num_hidden_layers"]
+    with torch.no_grad():
+        for w in routers:
+            w.add_(torch.randn(w.shape[1]))  # a large mean row
+    x = modarith.make_data(base.task).tokens[:8]
+    with torch.no_grad():
+        before = model(x, output_router_logits=True)
+        grok.center_routers(model)
+        after = model(x, output_router_logits=True)
+    torch.testing.assert_close(after.logits, before.logits)
+    for a, b in zip(after.router_logits, before.router_logits):
+        torch.testing.assert_close(a.softmax(-1), b.softmax(-1))
+    assert max(float(w.mean(0).abs().max()) for w in routers) < 1e-6
+
+    spec = dataclasses.replace(base, center_router=True, router_weight_decay=0.0)
+    groups = grok.make_optimizer(spec, model).param_groups
+    assert [g["weight_decay"] for g in groups] == [base.weight_decay, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in routers}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    grok.train(spec, tmp_path / "run", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
+    assert max(float(w.mean(0).abs().max()) for w in grok.router_weights(trained)) < 1e-6

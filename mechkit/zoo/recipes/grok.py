@@ -70,6 +70,12 @@ class RunSpec:
     """Balance each MoE layer on its own (mean over layers of the Switch loss of that layer) instead
     of the transformers loss, which pools the routing of all layers: a layer can collapse there
     while the pooled load stays even."""
+    router_weight_decay: float | None = None
+    """Weight decay of the MoE router matrices (None: ``weight_decay`` like every other parameter)."""
+    center_router: bool = False
+    """Subtract each router's mean expert row after every step (and at initialisation). The softmax
+    over experts cannot see that row, so the model's function is unchanged; it fixes the gauge of
+    W_ℓ, whose mean row otherwise drifts under Adam's per-coordinate steps."""
     eval_every: int = 50
     """Candidate checkpoints are evaluated and written every this many steps (plus early ones)."""
     n_checkpoints: int = 20
@@ -96,9 +102,11 @@ class RunSpec:
         d = asdict(self)
         d["task"] = self.task.to_dict()
         d["betas"] = list(self.betas)
-        for key in ("early_every", "aux_loss_per_layer"):  # the specs and cards of runs without them stay
-            if not d[key]:
+        for key in ("early_every", "aux_loss_per_layer", "center_router"):  # the specs and cards of runs
+            if not d[key]:  # without them stay as they were
                 del d[key]
+        if d["router_weight_decay"] is None:
+            del d["router_weight_decay"]
         return d
 
 
@@ -107,6 +115,31 @@ def build_model(spec: RunSpec):
 
     config_cls, model_cls = (getattr(transformers, c) for c in ARCHS[spec.arch])
     return model_cls(config_cls(**spec.model_config, **spec.task.special_ids()))
+
+
+def router_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The router matrices ``[num_experts, hidden]`` of every MoE layer (``...gate.weight``)."""
+    n_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", None)
+    return [p for name, p in model.named_parameters()
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] == n_experts]
+
+
+def make_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over all parameters; routers in their own group when ``router_weight_decay`` is set."""
+    if spec.router_weight_decay is None:
+        params = model.parameters()
+    else:
+        routers = {id(p) for p in router_weights(model)}
+        params = [{"params": [p for p in model.parameters() if id(p) not in routers]},
+                  {"params": router_weights(model), "weight_decay": spec.router_weight_decay}]
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas)
+
+
+def center_routers(model: torch.nn.Module) -> None:
+    """Remove each router's mean expert row (invisible to the softmax over experts)."""
+    with torch.no_grad():
+        for w in router_weights(model):
+            w.sub_(w.mean(0, keepdim=True))
 
 
 def lr_at(spec: RunSpec, step: int) -> float:
@@ -136,7 +169,9 @@ def train(spec: RunSpec, out: Path, *, progress: bool = True, stop_after: int | 
         torch.manual_seed(spec.seed)
         model = build_model(spec)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas)
+        if spec.center_router:
+            center_routers(model)
+        opt = make_optimizer(spec, model)
         trainer = loop.Trainer(out, spec, model, opt, outputs=OUTPUTS)
         start = trainer.resume_or_start()
         with tqdm(total=spec.steps, initial=start, desc=spec.name, disable=not progress) as bar:
@@ -184,6 +219,8 @@ def _run(spec: RunSpec, trainer: loop.Trainer, start: int, bar, stop_after: int 
         if spec.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         opt.step()
+        if spec.center_router:
+            center_routers(model)
         bar.update()
         if step in candidates:
             checkpoint(step)
