@@ -24,6 +24,8 @@ class PathwayConfig(Config):
     level: Literal["character", "token"] = option("character", help="Levenshtein over characters or over experts")
     routing_tokens: Literal["prompt", "all"] = option("prompt", help="tokens whose routing is averaged: the "
                                                       "prompt's, or all of prompt + answer")
+    center_routers: bool = option(False, help="subtract each router's mean expert row before the routing "
+                                  "embeddings of the smoothness (routing is blind to it; see routing_embeddings)")
     batch_size: int = option(256, help="samples per forward pass")
     seed: int = option(0, help="seed of the sampled distance pairs")
     progress: bool = option(True, help="show a progress bar over checkpoints")

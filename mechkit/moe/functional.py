@@ -96,10 +96,19 @@ def layer_pathway_distances(layers: Sequence[Tensor], tau: float = 0.7, **option
     return [mean_pathway_distance(pathway_strings([g], tau), **options) for g in layers]
 
 
-def routing_embeddings(layers: Sequence[Tensor], routers: Sequence[Tensor]) -> list[Tensor]:
-    """e_{i,ℓ} = Σ_k ḡ_ℓ(i,k) · W_ℓ[k] per layer: ``[samples, d_model]``."""
+def routing_embeddings(layers: Sequence[Tensor], routers: Sequence[Tensor], *,
+                       center: bool = False) -> list[Tensor]:
+    """e_{i,ℓ} = Σ_k ḡ_ℓ(i,k) · W_ℓ[k] per layer: ``[samples, d_model]``.
+
+    ``center=True`` first subtracts each router's mean row (1/K) Σ_k W_ℓ[k]. Routing cannot see that
+    row (it adds the same logit to every expert, which the softmax removes), yet with near-uniform
+    weights it dominates e: on moe-grok-deep cos(e, mean row) ≥ 0.95, so the paper's literal
+    formula measures how the optimiser moved the routers' mean rows, not the routing itself.
+    """
     if len(layers) != len(routers):
         raise MechkitError(f"{len(layers)} layers of routing but {len(routers)} router matrices")
+    if center:
+        routers = [w - w.mean(0, keepdim=True) for w in routers]
     return [g.double() @ w.double() for g, w in zip(layers, routers)]
 
 

@@ -103,7 +103,8 @@ def _measure(model: Any, train: Encoded, test: Encoded, config: PathwayConfig) -
     loss, correct, routing = _forward(model, train, config, route=True)
     test_loss, test_correct, _ = _forward(model, test, config, route=False)
     weights = router_weights(model)
-    smooth = (F.smoothness(F.layer_cosines(F.routing_embeddings(routing, weights))) if len(routing) >= 3
+    embeddings = F.routing_embeddings(routing, weights, center=config.center_routers)
+    smooth = (F.smoothness(F.layer_cosines(embeddings)) if len(routing) >= 3
               else torch.full((len(train),), float("nan"), dtype=torch.float64))
     return {"loss": loss, "correct": correct, "routing": routing, "smoothness": smooth,
             "test_loss": test_loss, "test_correct": test_correct}

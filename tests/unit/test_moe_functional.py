@@ -65,3 +65,23 @@ def test_sample_routing_counts_real_tokens_and_refuses_empty_samples():
     with pytest.raises(MechkitError, match="no tokens"):
         sample_routing(probs, torch.zeros(3))
     assert routing_entropy(torch.tensor([0.5, 0.5])) == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_centred_routing_embeddings_ignore_what_routing_cannot_see():
+    """Adding one vector to every router row leaves the softmax routing unchanged; centred routing
+    embeddings (and so smoothness) do not move, the literal ones do."""
+    import torch
+
+    from mechkit.moe import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 16, generator=gen)
+    routers = [torch.randn(8, 16, generator=gen) for _ in range(4)]
+    shifted = [w + torch.randn(1, 16, generator=gen) * 3 for w in routers]
+    probs = [(x @ w.T).softmax(-1) for w in routers]
+    assert all(torch.allclose(p, (x @ w.T).softmax(-1), atol=1e-5) for p, w in zip(probs, shifted))
+    plain = F.smoothness(F.layer_cosines(F.routing_embeddings(probs, routers, center=True)))
+    moved = F.smoothness(F.layer_cosines(F.routing_embeddings(probs, shifted, center=True)))
+    assert torch.allclose(plain, moved, atol=1e-9)
+    literal = F.smoothness(F.layer_cosines(F.routing_embeddings(probs, shifted)))
+    assert not torch.allclose(literal, plain, atol=1e-3)
