@@ -55,7 +55,9 @@ def main() -> None:
         pairs = equal_length_pairs(ref, "ioi_wang", args.pairs or 8)
     else:
         ref = mechkit.load("zoo:facts-lm")
-        ht = hooked_transformer_from_gpt2(ref.torch_module)
+        hf = ref.torch_module
+        ht = (hooked_transformer_from_gpt2(hf) if ref.info.architecture == "gpt2"
+              else hooked_transformer_from_llama(hf, n_ctx=hf.config.max_position_embeddings))
         pairs = equal_length_pairs(ref, "ioi", args.pairs or 16)
     lens = LensModel(ht, tokenizer=ref.tokenizer)
     layers, heads = ht.cfg.n_layers, ht.cfg.n_heads

@@ -26,9 +26,13 @@ def reference():
 @pytest.fixture(scope="module")
 def hooked(reference):
     """A HookedTransformer holding facts-lm's weights, and mechkit's lens backend over that very object."""
-    from mechkit.models.lens import LensModel, hooked_transformer_from_gpt2
+    from mechkit.models.lens import LensModel, hooked_transformer_from_gpt2, hooked_transformer_from_llama
 
-    ht = hooked_transformer_from_gpt2(reference.torch_module)
+    hf = reference.torch_module
+    if reference.info.architecture == "gpt2":
+        ht = hooked_transformer_from_gpt2(hf)
+    else:
+        ht = hooked_transformer_from_llama(hf, n_ctx=hf.config.max_position_embeddings)
     return ht, LensModel(ht, tokenizer=reference.tokenizer)
 
 
