@@ -48,8 +48,16 @@ def project_heads(module: nn.Module, tap: Tap, copies: Tensor, shape: RunShape) 
     """Each head's projection output computed from its own input copy: ``[..., head, d_head]``."""
     from mechkit.models.taps import get
 
-    weight, bias = linear_map(module)
-    out = output_tap(tap)
-    w_heads = get(out, weight, shape)  # [d_in, head, d_head]: the transform applied to W's columns
-    heads = torch.einsum("...hi,ihd->...hd", copies.to(weight.dtype), w_heads)
-    return heads if bias is None else heads + get(out, bias, shape)
+    _, bias = linear_map(module)
+    heads = project_change(module, tap, copies, shape)
+    return heads if bias is None else heads + get(output_tap(tap), bias, shape)
+
+
+def project_change(module: nn.Module, tap: Tap, change: Tensor, shape: RunShape) -> Tensor:
+    """``change @ W`` per head (no bias): how each head's output moves when its input copy moves by
+    ``change``. Adding it to the module's own output leaves an unedited head bit for bit unchanged."""
+    from mechkit.models.taps import get
+
+    weight, _ = linear_map(module)
+    w_heads = get(output_tap(tap), weight, shape)  # [d_in, head, d_head]: the transform applied to W's columns
+    return torch.einsum("...hi,ihd->...hd", change.to(weight.dtype), w_heads)

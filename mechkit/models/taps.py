@@ -230,12 +230,16 @@ def apply_entries(entries: list[Entry], raw: Any, state: RunState, module: Any =
 
 def _head_input(site, tap: Tap, write_fn, wanted: bool, raw: Any, state: RunState, module: Any, x: Tensor):
     """One head-input entry on a projection's output: per-head copies of ``x``, outputs recomputed."""
-    value = projections.head_copies(x, projections.n_heads_of(tap, state.shape))
+    original = projections.head_copies(x, projections.n_heads_of(tap, state.shape))
+    value = original
     changed = write_fn is not None or (state.grad and wanted)
     if write_fn is not None:
         value = write_fn(value)
     if changed:
-        heads = projections.project_heads(module, tap, value, state.shape)
+        # the module's output plus each copy's change: exact for unedited heads, and the gradient at
+        # a copy flows through its own head only (the module's own path is detached)
+        base = get(projections.output_tap(tap), raw, state.shape).detach()
+        heads = base + projections.project_change(module, tap, value - original.detach(), state.shape)
         raw = put(projections.output_tap(tap), raw, heads, state.shape)
     if wanted:
         _keep(state, site, value)
