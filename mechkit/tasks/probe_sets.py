@@ -214,7 +214,7 @@ def check(out_dir: str | Path = "probes", tokenizer: Any = None, n_positions: in
     tokenizer = tokenizer if tokenizer is not None else facts_lm_tokenizer()
     if n_positions is None:
         config = json.loads((facts_lm_folder() / "config.json").read_text(encoding="utf-8"))
-        n_positions = config["n_positions"]
+        n_positions = config.get("n_positions") or config["max_position_embeddings"]
     problems = []
     for name in SYNTHETIC_SETS:
         ts = TaskSet.from_jsonl(Path(out_dir) / f"{name}.jsonl")

@@ -86,8 +86,8 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry(
             "facts-lm",
-            "4-layer GPT-2 word-level LM on the synthetic world corpus mixed with IOI-, colored-objects-, "
-            "two-hop- and analogy-style text.",
+            "4-layer LLaMA-architecture word-level LM on the synthetic world corpus mixed with repeated "
+            "sequences and IOI-, colored-objects-, two-hop- and analogy-style text.",
             "bundled",
             "mechkit.zoo.recipes.facts_lm",
         ),

@@ -17,9 +17,9 @@ from mechkit.zoo.recipes import facts_lm
 
 TOL = 0.01  # eager (mechkit.load) vs default attention may flip a near-tie or two
 # Solved tasks; paraphrase transfer and latent two-hop recall are partly learned (above chance);
-# colored objects and two-hop in context are NOT learned by this model (it picks an in-context
-# candidate without binding it, see assets/zoo/README.md): they are only checked against the card.
-SOLVED = ("facts_recall", "ioi", "analogies")
+# two-hop in context is NOT learned by this model (it picks an in-context candidate without
+# following the chain, see assets/zoo/README.md): it is only checked against the card.
+SOLVED = ("facts_recall", "ioi", "analogies", "colored_objects")
 PARTIAL = ("facts_heldout", "two_hop_recall")
 
 
@@ -49,13 +49,13 @@ def test_folder_and_card(shipped) -> None:
         assert (folder / f).is_file(), f
     assert not (folder / ".train_state").exists()
     assert card["name"] == "facts-lm" and card["recipe"] == registry.get("facts-lm").recipe
-    assert card["smoke"] is False and card["architecture"] == "GPT2LMHeadModel"
+    assert card["smoke"] is False and card["architecture"] == "LlamaForCausalLM"
     for key in ("seed", "hyperparameters", "training_steps", "wall_time_s", "mechkit_version", "chance"):
         assert key in card
     assert set(card["metrics"]) == set(card["chance"]) == set(card["eval"]["sizes"])
-    assert (folder / "model.safetensors").stat().st_size <= 4.2e6
+    assert (folder / "model.safetensors").stat().st_size <= 5e6
     cfg = json.loads((folder / "config.json").read_text())
-    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == (4, 128, 4)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (4, 128, 4)
 
 
 def test_shipped_metrics_match_card_and_beat_chance(shipped) -> None:
@@ -71,7 +71,7 @@ def test_shipped_metrics_match_card_and_beat_chance(shipped) -> None:
         if name in SOLVED:
             assert acc >= 0.9 and acc >= chance + 0.4, (name, acc, chance)
         if name in PARTIAL:
-            assert acc >= 2 * chance, (name, acc, chance)
+            assert acc >= 1.5 * chance, (name, acc, chance)
 
 
 def _top1_words(model, items: tasks.TaskSet) -> list[str]:
@@ -80,15 +80,12 @@ def _top1_words(model, items: tasks.TaskSet) -> list[str]:
     return [model.tokenizer.decode(int(i)).strip() for i in pred]
 
 
-def test_in_context_tasks_pick_a_candidate_from_the_context(shipped) -> None:
-    """What the model does learn on colored objects and two-hop: its answer is one of the values
-    the prompt mentions (a color listed; the second hop of one of the chains)."""
+def test_two_hop_picks_a_candidate_from_the_context(shipped) -> None:
+    """What the model does learn on two-hop in context: its answer is the second hop of one of the
+    chains the prompt mentions."""
     _, card = shipped
     model = mechkit.load("zoo:facts-lm")
     sets = facts_lm.eval_sets(card["eval"]["n"])
-    colored = sets["colored_objects"][0]
-    picks = _top1_words(model, colored)
-    assert sum(p in it.meta["colors"] for p, it in zip(picks, colored)) >= 0.95 * len(colored)
     hops = sets["two_hop"][0]
     picks = _top1_words(model, hops)
     cands = [[it.meta["object"], *(d[2] for d in it.meta["distractors"])] for it in hops]
@@ -113,9 +110,10 @@ def test_evaluation_prompts_never_train() -> None:
     seen: set[str] = set()
     for step in (1, 2, 3, 4, 5, 6, 7, 8, 1001, 2999):
         for source, _ in sp.rows:
-            if source != "corpus":
+            if source not in ("corpus", "induction"):
                 seen |= {it.prompt for it in facts_lm._generate(source, 64, sp.seed * 10**7 + step, step)}
-        assert set(stream.batch(step)) == {s for s, _ in sp.rows}
+        assert set(stream.batch(step)) == set(sp.sources_at(step))
+    assert sp.sources_at(1) == ("induction",) and set(sp.sources_at(sp.steps)) == {s for s, _ in sp.rows}
     assert len(seen) > 1000 and not any(facts_lm.is_eval_prompt(p) for p in seen)
     for name in ("ioi", "colored_objects", "two_hop", "analogies"):
         prompts = set(sets[name][0].prompts)
@@ -154,3 +152,14 @@ def test_smoke_run_and_resume_is_bit_identical(tmp_path: Path) -> None:
     facts_lm.train(other, smoke=True, progress=False, stop_after=6)
     with pytest.raises(ValueError, match="different settings"):
         facts_lm.train(other, smoke=True, steps=30, progress=False)
+
+
+def test_repeated_sequence_rows_target_the_repeat_only() -> None:
+    stream = facts_lm.Stream(facts_lm.spec())
+    rows, labels = stream._repeat_rows(16, seed=3)
+    for row, lab in zip(rows, labels):
+        k = (len(row) - 1) // 2
+        assert row[1 : k + 1] == row[k + 1 :] and len(set(row[1 : k + 1])) == k  # w1..wk w1..wk, distinct
+        targets = [(i, t) for i, t in enumerate(lab) if t != facts_lm.IGNORE]
+        assert [i for i, _ in targets] == list(range(k + 2, 2 * k + 1))  # the repeat, after its first word
+        assert all(row[i] == t for i, t in targets)
