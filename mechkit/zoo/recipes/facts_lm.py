@@ -11,8 +11,9 @@ Training text, drawn afresh at every step from the task generators (deterministi
 - the world corpus (``world.corpus``, training templates only), packed into rows, full LM loss;
 - IOI, colored objects (2-5 objects), two-hop questions with the facts in context (0-3 distractors,
   half of them counterfactual) and analogies (both formats), one item per row: loss weight 1 on the
-  answer token and ``context_weight`` on the prompt tokens, except counterfactual contexts, whose
-  prompts carry no loss so that they never teach wrong facts.
+  answer token and ``context_weight`` on the prompt tokens, except the ``answer_only`` sources
+  (colored objects, two-hop: a scene's random colors are noise to predict) and counterfactual
+  contexts, whose prompts carry no loss so that they never teach wrong facts.
 
 Held out: prompts whose CRC-32 falls in the evaluation bucket never train (:func:`is_eval_prompt`),
 the evaluation sets use seeds no training step uses, and facts are asked through the paraphrase
