@@ -8,7 +8,8 @@ records which writes fired, so a write at a site the forward pass never reached 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -99,3 +100,22 @@ def _name(iv: Any) -> str:
 
 
 __all__ = ["RunEdits", "WriteFn", "apply_one"]
+
+
+@contextlib.contextmanager
+def skipped(blocks: Sequence[Any]) -> Iterator[None]:
+    """Inside the block, each of ``blocks`` returns its input unchanged instead of computing (an
+    instance ``forward`` shadows the class's; removed on exit, always). Used to resume a forward
+    from a known residual stream: every HF decoder block and HookedTransformer block maps the
+    residual stream (its first argument) to the residual stream."""
+    try:
+        for block in blocks:
+            block.forward = _pass_through
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]

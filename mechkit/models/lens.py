@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from mechkit.errors import MechkitError, SiteNotSupportedError, UnsupportedArchitectureError
 from mechkit.models.base import Model, ModelInfo, WriteFn
+from mechkit.models.execution import skipped
 from mechkit.models.hf_forward import fingerprint
 from mechkit.models.inputs import Batch
 from mechkit.models.lens_boot import bridge_unembed, flavour_of, folder_tokenizer, model_type_of, n_ctx_of, tl_version
@@ -208,13 +209,8 @@ class LensModel(Model):
     def _skipping_below(self, layer: int) -> Iterator[None]:
         # a HookedTransformer block maps resid_pre to resid_post; a Bridge block is HF's, wrapped
         blocks = list(self.tl.blocks)[:layer] if self.flavour == "hooked_transformer" else []
-        try:
-            for block in blocks:
-                block.forward = _pass_through  # an instance attribute shadows the class's forward
+        with skipped(blocks):
             yield
-        finally:
-            for block in blocks:
-                block.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def _logits_only(self, positions: Tensor) -> Iterator[None]:
@@ -371,7 +367,3 @@ def _as_site(site: Site, act: Tensor, shape: RunShape) -> Tensor:
 
 __all__ = ["LensModel", "hooked_transformer_from_gpt2", "hooked_transformer_from_hf", "hooked_transformer_from_llama"]
 
-
-def _pass_through(resid: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """A skipped HookedTransformer block: resid_post = resid_pre."""
-    return resid

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mechkit.errors import MechkitError
 from mechkit.models import attention
 from mechkit.models.base import Model, ModelInfo, WriteFn
+from mechkit.models.execution import skipped
 from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
@@ -129,13 +130,8 @@ class TorchHooksModel(Model):
             yield
             return
         blocks = [_submodule(self.module, self.sitemap.module_paths[Site("resid_pre", i)]) for i in range(layer)]
-        try:
-            for block in blocks:
-                block.forward = _pass_through  # an instance attribute shadows the class's forward
+        with skipped(blocks):
             yield
-        finally:
-            for block in blocks:
-                block.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def _logits_only(self, positions: Tensor) -> Iterator[None]:
@@ -155,11 +151,6 @@ class TorchHooksModel(Model):
         if self._logits_to_keep is not None:  # HF computes the LM head only at these positions
             kwargs["logits_to_keep"] = self._logits_to_keep
         return self.module(**kwargs)
-
-
-def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
-    """A skipped block: its output is its input (every HF decoder block returns the hidden states)."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _output_hook(entries: list, state: RunState):
