@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mechkit.errors import MechkitError, SiteNotSupportedError, UnknownSiteError
+from mechkit.models import resume
 from mechkit.models.cache import ActivationCache, narrow
 from mechkit.models.execution import Items, RunEdits, WriteFn
 from mechkit.models.inputs import Batch, prepare_inputs
@@ -229,51 +230,17 @@ class Model:
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
         writes = self._writes(interventions)
-        last = self._last_only(logits_at, batch, [*read, *writes])
+        last = resume.kept_positions(self, logits_at, batch, [*read, *writes])
         skip = contextlib.nullcontext()
         if start is not None:
-            site, value = self._start_site(start, batch, [*read, *writes])
-            writes = {**writes, site: [(site, _Start(value)), *writes.get(site, [])]}
+            site, value = resume.start_site(self, start, batch, [*read, *writes])
+            writes = {**writes, site: [(site, resume.Start(value)), *writes.get(site, [])]}
             skip = self._skipping_below(site.layer)
         with skip, self._logits_only(last) if last is not None else contextlib.nullcontext():
             logits, acts = self._execute(batch, read, writes, grad=False)
         if last is not None:
-            logits = _at_positions(logits, last, batch)
+            logits = resume.at_positions(logits, last, batch)
         return Run(logits, self._cache(acts, batch, read))
-
-    def _last_only(self, logits_at: str | None, batch: Batch, touched: Sequence[Site]) -> Tensor | None:
-        """The positions whose logits a ``logits_at="last"`` run computes (None: all of them)."""
-        if logits_at is None:
-            return None
-        if logits_at != "last":
-            raise MechkitError(f"logits_at must be 'last' or None, not {logits_at!r}")
-        if self.info.encoder:
-            raise MechkitError("logits_at='last' is for causal LMs; an encoder's output is read at every position")
-        if any(s.kind == "logits" for s in [*touched, *self.edited_sites]):
-            raise MechkitError("a run with logits_at='last' cannot read or write the logits site; "
-                               "leave logits_at unset")
-        return RunContext(batch.attention_mask).last_positions.unique()
-
-    def _start_site(self, start: tuple[str | Site, Tensor], batch: Batch,
-                    touched: Sequence[Site]) -> tuple[Site, Tensor]:
-        """Check a ``start=(site, value)`` pair against the run it resumes."""
-        if not (isinstance(start, tuple) and len(start) == 2 and isinstance(start[1], Tensor)):
-            raise TypeError("start must be a pair (site, tensor), "
-                            "e.g. ('blocks.4.resid_pre', cache['blocks.4.resid_pre'])")
-        sites = self.resolve(start[0])
-        if len(sites) != 1 or sites[0].kind != "resid_pre" or sites[0] != sites[0].base or sites[0].splice:
-            raise MechkitError(f"a run can start only at one blocks.L.resid_pre site, not {start[0]!r}")
-        site, value = sites[0], start[1]
-        touched = [*touched, *self.edited_sites]
-        expected = (*batch.shape, self.info.d_model)
-        if tuple(value.shape) != expected:
-            raise MechkitError(f"the start value for {site} has shape {tuple(value.shape)}; this run needs "
-                               f"{expected} (batch, positions, d_model) — take it from a run of the same inputs")
-        below = [s for s in touched if (s.layer is not None and s.layer < site.layer) or s.kind == "embed"]
-        if below:
-            raise MechkitError(f"{below[0]} lies below {site}, where this run starts, so it is never computed; "
-                               "start lower or drop that site")
-        return site, value
 
     @contextlib.contextmanager
     def _logits_only(self, positions: Tensor) -> Iterator[None]:
@@ -435,26 +402,6 @@ class Model:
     def _cache(self, acts: dict[Site, Tensor], batch: Batch, read: Sequence[Site]) -> ActivationCache:
         record = provenance(self, read, input_shape=list(batch.input_ids.shape))
         return ActivationCache(acts, record, batch.attention_mask)
-
-
-def _at_positions(logits: Tensor, kept: Tensor, batch: Batch) -> Tensor:
-    """Full-width logits holding each row's last-token logits and NaN elsewhere, from logits computed
-    at every position or only at the ``kept`` ones."""
-    rows, last = torch.arange(logits.shape[0]), RunContext(batch.attention_mask).last_positions.to(logits.device)
-    column = torch.searchsorted(kept.to(logits.device), last) if logits.shape[1] == kept.numel() else last
-    out = torch.full((*batch.shape, logits.shape[-1]), float("nan"), dtype=logits.dtype, device=logits.device)
-    out[rows, last] = logits[rows, column]
-    return out
-
-
-class _Start:
-    """The write that makes block L read the given residual stream (the first write at its site)."""
-
-    def __init__(self, value: Tensor) -> None:
-        self.value = value
-
-    def __call__(self, act: Tensor) -> Tensor:
-        return self.value.to(device=act.device, dtype=act.dtype)
 
 
 def _check_fired(edits: RunEdits, bases: list[Site], acts: Mapping[Site, Tensor]) -> None:
