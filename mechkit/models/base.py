@@ -213,7 +213,7 @@ class Model:
 
     def run_with_interventions(
         self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None,
-        start: tuple[str | Site, Tensor] | None = None, logits_at: str | None = None,
+        start: tuple[str | Site, Tensor] | None = None, logits_at: str | None = None, prefix: int = 0,
     ) -> Run:
         """Run with ``{site: intervention}`` applied; always returns ``Run(logits, cache)``.
 
@@ -226,21 +226,34 @@ class Model:
         ``logits_at="last"`` computes logits only at each row's last real token (NaN elsewhere):
         where the unembedding is large, it is a good part of a forward that a metric reading the
         last token does not need.
+        ``prefix=n`` promises that the edits leave the first ``n`` positions of every row as the
+        unedited run has them (e.g. patching between prompts that agree up to position n): the
+        backend may then reuse them instead of recomputing (torch_hooks on HF decoders runs only the
+        later positions, with the keys and values of one pass over the distinct prefixes); their
+        logits are NaN and such a run records no sites.
         """
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
         writes = self._writes(interventions)
         last = resume.kept_positions(self, logits_at, batch, [*read, *writes])
+        resume.check_prefix(self, prefix, batch, read, writes)
         skip = contextlib.nullcontext()
         if start is not None:
             site, value = resume.start_site(self, start, batch, [*read, *writes])
             writes = {**writes, site: [(site, resume.Start(value)), *writes.get(site, [])]}
             skip = self._skipping_below(site.layer)
-        with skip, self._logits_only(last) if last is not None else contextlib.nullcontext():
+        reuse = self._reusing_prefix(prefix, batch) if prefix else contextlib.nullcontext()
+        with reuse, skip, self._logits_only(last) if last is not None else contextlib.nullcontext():
             logits, acts = self._execute(batch, read, writes, grad=False)
         if last is not None:
             logits = resume.at_positions(logits, last, batch)
         return Run(logits, self._cache(acts, batch, read))
+
+    @contextlib.contextmanager
+    def _reusing_prefix(self, n: int, batch: Batch) -> Iterator[None]:
+        """Run only positions ``n`` and later in the forward passes inside, reusing the unedited
+        prefix of ``batch`` (a backend that cannot, computes every position)."""
+        yield
 
     @contextlib.contextmanager
     def _logits_only(self, positions: Tensor) -> Iterator[None]:

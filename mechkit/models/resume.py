@@ -3,7 +3,7 @@ logits_at="last")``, which let sweeps pay only for the layers and positions they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,30 @@ def start_site(model: Any, start: tuple[str | Site, Tensor], batch: Batch,
         raise MechkitError(f"{below[0]} lies below {site}, where this run starts, so it is never computed; "
                            "start lower or drop that site")
     return site, value
+
+
+def check_prefix(model: Any, prefix: int, batch: Batch, read: Sequence[Site], writes: Mapping[Site, Any]) -> None:
+    """Check a ``prefix=n`` promise against the run it speeds up."""
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        raise MechkitError(f"prefix must be a number of positions >= 0, not {prefix!r}")
+    if not prefix:
+        return
+    if model.info.encoder:
+        raise MechkitError("prefix= is for causal LMs: an encoder's every position sees the later ones")
+    shortest = int(batch.attention_mask.sum(-1).min())
+    if prefix >= shortest:
+        raise MechkitError(f"prefix={prefix} leaves no position to compute in a row of {shortest} real tokens; "
+                           "it must be below every row's length")
+    if read:
+        raise MechkitError("a run with prefix= records no sites (its first positions are not computed); "
+                           "leave cache unset")
+    if model.edited_sites:
+        raise MechkitError("prefix= reuses the unedited run's first positions, but intervene / splice contexts "
+                           f"edit {model.edited_sites[0]}; run without prefix inside them")
+    bad = [s for s in writes if "pos" not in s.axes or "key_pos" in s.axes]
+    if bad:
+        raise MechkitError(f"prefix= cannot apply the write at {bad[0]} (axes {bad[0].axes}): only sites with one "
+                           "position axis can be edited on the later positions alone")
 
 
 def at_positions(logits: Tensor, kept: Tensor, batch: Batch) -> Tensor:

@@ -22,6 +22,7 @@ from mechkit.models.base import Model, ModelInfo, WriteFn
 from mechkit.models.execution import skipped
 from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
+from mechkit.models.prefix import Prefix, on_suffix, prefix_reusable, unedited_prefix
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
 from mechkit.models.taps import RunShape, RunState, Tap, apply_entries, group_entries
 from mechkit.sites import Site
@@ -38,6 +39,7 @@ class TorchHooksModel(Model):
         name = name or getattr(getattr(module, "config", None), "_name_or_path", "") or type(module).__name__
         self.module = module
         self._logits_to_keep: Tensor | None = None
+        self._prefix: Prefix | None = None
         self.sitemap: SiteMap | None = None
         if hasattr(getattr(module, "config", None), "model_type"):
             self.sitemap = build_sitemap(module, name)
@@ -97,7 +99,11 @@ class TorchHooksModel(Model):
         self, batch: Batch, read: Sequence[Site], write: Mapping[Site, WriteFn], grad: bool
     ) -> tuple[Tensor, dict[Site, Tensor]]:
         i = self.info
-        shape = RunShape(*batch.shape, i.n_heads or 1, i.n_kv_heads or 1, i.d_head or 1, i.top_k, i.n_experts)
+        if self._prefix is not None:  # only the later positions run; writes see them in place
+            write = {site: on_suffix(fn, site, self._prefix.n, batch.shape[1]) for site, fn in write.items()}
+        rows, seq = batch.shape
+        seq -= self._prefix.n if self._prefix is not None else 0
+        shape = RunShape(rows, seq, i.n_heads or 1, i.n_kv_heads or 1, i.d_head or 1, i.top_k, i.n_experts)
         state = RunState(shape, grad)
         sites = list(dict.fromkeys([*write, *read]))
         plan = group_entries(sites, dict(write), set(read), lambda site: (self._path(site), self._tap(site)))
@@ -122,7 +128,10 @@ class TorchHooksModel(Model):
             self.module.train(was_training)
         if state.pending:
             raise MechkitError(f"the residual skip of {', '.join(map(str, state.pending))} was never reached")
-        return logits_of(output), state.store
+        logits = logits_of(output)
+        if self._prefix is not None and self._logits_to_keep is None:  # the reused positions have none
+            logits = torch.cat([logits.new_full((rows, self._prefix.n, logits.shape[-1]), float("nan")), logits], 1)
+        return logits, state.store
 
     @contextlib.contextmanager
     def _skipping_below(self, layer: int) -> Iterator[None]:
@@ -132,6 +141,17 @@ class TorchHooksModel(Model):
         blocks = [_submodule(self.module, self.sitemap.module_paths[Site("resid_pre", i)]) for i in range(layer)]
         with skipped(blocks):
             yield
+
+    @contextlib.contextmanager
+    def _reusing_prefix(self, n: int, batch: Batch) -> Iterator[None]:
+        if self.sitemap is None or not prefix_reusable(self.module):
+            yield
+            return
+        self._prefix = unedited_prefix(self.module, batch, n)
+        try:
+            yield
+        finally:
+            self._prefix = None
 
     @contextlib.contextmanager
     def _logits_only(self, positions: Tensor) -> Iterator[None]:
@@ -148,8 +168,12 @@ class TorchHooksModel(Model):
         if self.sitemap is None:
             return self.module(batch.input_ids)
         kwargs = forward_kwargs(self.module, batch)
-        if self._logits_to_keep is not None:  # HF computes the LM head only at these positions
-            kwargs["logits_to_keep"] = self._logits_to_keep
+        keep = self._logits_to_keep
+        if self._prefix is not None:
+            kwargs.update(self._prefix.kwargs(batch))
+            keep = None if keep is None else keep - self._prefix.n
+        if keep is not None:  # HF computes the LM head only at these positions
+            kwargs["logits_to_keep"] = keep
         return self.module(**kwargs)
 
 
