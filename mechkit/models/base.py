@@ -23,6 +23,7 @@ from mechkit.models import resume
 from mechkit.models.cache import ActivationCache, narrow
 from mechkit.models.execution import Items, RunEdits, WriteFn
 from mechkit.models.inputs import Batch, prepare_inputs
+from mechkit.models.prefix import PrefixCache
 from mechkit.models.splice import Splice
 from mechkit.provenance import provenance
 from mechkit.selection import RunContext
@@ -213,7 +214,8 @@ class Model:
 
     def run_with_interventions(
         self, inputs: Any, interventions: Mapping[str | Site, Any], *, cache: SiteSpec | None = None,
-        start: tuple[str | Site, Tensor] | None = None, logits_at: str | None = None, prefix: int = 0,
+        start: tuple[str | Site, Tensor] | None = None, logits_at: str | None = None,
+        prefix: int | PrefixCache = 0,
     ) -> Run:
         """Run with ``{site: intervention}`` applied; always returns ``Run(logits, cache)``.
 
@@ -230,29 +232,43 @@ class Model:
         unedited run has them (e.g. patching between prompts that agree up to position n): the
         backend may then reuse them instead of recomputing (torch_hooks on HF decoders runs only the
         later positions, with the keys and values of one pass over the distinct prefixes); their
-        logits are NaN and such a run records no sites.
+        logits are NaN and such a run records no sites. ``prefix=model.prefix_cache(prompts, n)``
+        computes those prefixes once for many runs over the same prompts.
         """
         batch = self.to_tokens(inputs)
         read = self.resolve(cache) if cache is not None else []
         writes = self._writes(interventions)
         last = resume.kept_positions(self, logits_at, batch, [*read, *writes])
+        if isinstance(prefix, int) and not isinstance(prefix, bool) and prefix > 0:
+            resume.check_prefix(self, prefix, batch, read, writes)
+            prefix = self.prefix_cache(batch, prefix)
         resume.check_prefix(self, prefix, batch, read, writes)
         skip = contextlib.nullcontext()
         if start is not None:
             site, value = resume.start_site(self, start, batch, [*read, *writes])
             writes = {**writes, site: [(site, resume.Start(value)), *writes.get(site, [])]}
             skip = self._skipping_below(site.layer)
-        reuse = self._reusing_prefix(prefix, batch) if prefix else contextlib.nullcontext()
+        reuse = self._reusing_prefix(prefix) if isinstance(prefix, PrefixCache) else contextlib.nullcontext()
         with reuse, skip, self._logits_only(last) if last is not None else contextlib.nullcontext():
             logits, acts = self._execute(batch, read, writes, grad=False)
         if last is not None:
             logits = resume.at_positions(logits, last, batch)
         return Run(logits, self._cache(acts, batch, read))
 
+    def prefix_cache(self, inputs: Any, n: int) -> PrefixCache:
+        """The unedited first ``n`` positions of ``inputs``, for ``run_with_interventions(prefix=...)``
+        over these prompts (a backend that cannot reuse them keeps only the tokens and recomputes)."""
+        from mechkit.models.prefix import distinct_prefixes
+
+        batch = self.to_tokens(inputs)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= batch.shape[1]:
+            raise MechkitError(f"a prefix cache holds 1 to {batch.shape[1]} positions of these prompts, not {n!r}")
+        return PrefixCache(n, distinct_prefixes(batch.input_ids, n))
+
     @contextlib.contextmanager
-    def _reusing_prefix(self, n: int, batch: Batch) -> Iterator[None]:
-        """Run only positions ``n`` and later in the forward passes inside, reusing the unedited
-        prefix of ``batch`` (a backend that cannot, computes every position)."""
+    def _reusing_prefix(self, prefix: PrefixCache) -> Iterator[None]:
+        """Run only the positions after ``prefix`` in the forward passes inside, on its keys and
+        values (a backend that cannot, computes every position)."""
         yield
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from mechkit.errors import MechkitError
 from mechkit.models.inputs import Batch
+from mechkit.models.prefix import PrefixCache
 from mechkit.selection import RunContext
 from mechkit.sites import Site
 
@@ -51,10 +52,12 @@ def start_site(model: Any, start: tuple[str | Site, Tensor], batch: Batch,
     return site, value
 
 
-def check_prefix(model: Any, prefix: int, batch: Batch, read: Sequence[Site], writes: Mapping[Site, Any]) -> None:
-    """Check a ``prefix=n`` promise against the run it speeds up."""
-    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
-        raise MechkitError(f"prefix must be a number of positions >= 0, not {prefix!r}")
+def check_prefix(model: Any, prefix: Any, batch: Batch, read: Sequence[Site], writes: Mapping[Site, Any]) -> None:
+    """Check a ``prefix=n`` (or ``PrefixCache``) promise against the run it speeds up."""
+    if isinstance(prefix, PrefixCache):
+        prefix = prefix.n
+    elif isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        raise MechkitError(f"prefix must be a number of positions >= 0 or a model.prefix_cache(...), not {prefix!r}")
     if not prefix:
         return
     if model.info.encoder:

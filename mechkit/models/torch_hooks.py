@@ -22,7 +22,7 @@ from mechkit.models.base import Model, ModelInfo, WriteFn
 from mechkit.models.execution import skipped
 from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
-from mechkit.models.prefix import Prefix, on_suffix, prefix_reusable, unedited_prefix
+from mechkit.models.prefix import PrefixCache, on_suffix, prefix_reusable, unedited_prefix
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
 from mechkit.models.taps import RunShape, RunState, Tap, apply_entries, group_entries
 from mechkit.sites import Site
@@ -39,7 +39,7 @@ class TorchHooksModel(Model):
         name = name or getattr(getattr(module, "config", None), "_name_or_path", "") or type(module).__name__
         self.module = module
         self._logits_to_keep: Tensor | None = None
-        self._prefix: Prefix | None = None
+        self._prefix: PrefixCache | None = None
         self.sitemap: SiteMap | None = None
         if hasattr(getattr(module, "config", None), "model_type"):
             self.sitemap = build_sitemap(module, name)
@@ -142,12 +142,19 @@ class TorchHooksModel(Model):
         with skipped(blocks):
             yield
 
+    def prefix_cache(self, inputs: Any, n: int) -> PrefixCache:
+        batch = self.to_tokens(inputs)
+        tokens_only = super().prefix_cache(batch, n)
+        if self.sitemap is None or self.info.encoder or not prefix_reusable(self.module):
+            return tokens_only
+        return unedited_prefix(self.module, batch.input_ids, n)
+
     @contextlib.contextmanager
-    def _reusing_prefix(self, n: int, batch: Batch) -> Iterator[None]:
-        if self.sitemap is None or not prefix_reusable(self.module):
+    def _reusing_prefix(self, prefix: PrefixCache) -> Iterator[None]:
+        if prefix.layers is None:
             yield
             return
-        self._prefix = unedited_prefix(self.module, batch, n)
+        self._prefix = prefix
         try:
             yield
         finally:

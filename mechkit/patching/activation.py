@@ -317,8 +317,11 @@ def _sweep(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Pla
     cells, prompts, ks = cells[moved], prompts[moved], ks[moved]
     step = _rows_per_forward(model, pairs, source, plan, cfg)
     layers = torch.tensor([site.layer or 0 for site in plan.sites])[plan.unit_site[cells // plan.slots.shape[0]]]
+    shared = shared_prefix(model, pairs)
+    prefix = model.prefix_cache(pairs.corrupt if cfg.direction == "denoise" else pairs.clean, shared) if shared else 0
     for chunk in tqdm(_chunks(layers, step), desc="activation patching", disable=not cfg.progress, leave=False):
-        values = _run_chunk(model, pairs, caches, plan, cfg, metric, (cells[chunk], prompts[chunk], ks[chunk]))
+        rows = (cells[chunk], prompts[chunk], ks[chunk])
+        values = _run_chunk(model, pairs, caches, plan, cfg, metric, rows, prefix)
         patched.index_add_(0, cells[chunk], values)
     cells_all, prompts_all = _rows(plan, None)[:2]
     clean = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, cells_all, base[0][prompts_all])
@@ -327,9 +330,10 @@ def _sweep(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Pla
 
 
 def _run_chunk(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: _Plan, cfg: PatchConfig,
-               metric: Callable[..., Tensor], rows: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+               metric: Callable[..., Tensor], rows: tuple[Tensor, Tensor, Tensor], prefix: Any) -> Tensor:
     """One forward: row r is prompt ``prompts[r]`` with cell ``cells[r]`` patched; the forward
-    resumes from the target run at the lowest patched layer (the blocks below are unchanged)."""
+    resumes from the target run at the lowest patched layer (the blocks below are unchanged) and
+    on the ``prefix`` the clean and corrupt prompts share."""
     cells, prompts, ks = rows
     cache, target = caches
     sub = pairs.select(prompts)
@@ -355,7 +359,7 @@ def _run_chunk(model: Any, pairs: PatchingPairs, caches: tuple[Any, Any], plan: 
     layer = _start_layer(model, [plan.sites[s] for s in site_of.unique().tolist()])
     start = None if layer is None else (Site("resid_pre", layer), target[Site("resid_pre", layer)][prompts][:, :width])
     run = model.run_with_interventions(batch, interventions, start=start, logits_at=logits_needed(model, metric),
-                                       prefix=shared_prefix(model, sub))
+                                       prefix=prefix)
     values = _scores(metric, run.logits, sub)
     if not bool(torch.isfinite(values).all()):
         raise MechkitError("the metric returned NaN or infinite values on a patched run; check the metric "

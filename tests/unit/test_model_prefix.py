@@ -109,3 +109,24 @@ def test_patching_reuses_the_prefix_the_pairs_share():
     assert shared_prefix(model, pairs) == 3  # below the shortest row's last token
     with model.intervene({"blocks.0.mlp.out": Add(vector=torch.ones(32))}):
         assert shared_prefix(model, pairs) == 0
+
+
+def test_a_prefix_cache_serves_many_runs_over_the_same_prompts():
+    model, n = _model("llama"), 3
+    prompts = tiny_ids(3, 7)
+    cache = model.prefix_cache(prompts, n)
+    seen = []
+    handle = model.module.model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    try:
+        rows = torch.tensor([2, 0, 2, 1])
+        edits = {"blocks.1.mlp.out": Add(vector=torch.ones(32), positions="last")}
+        reused = model.run_with_interventions(prompts[rows], edits, prefix=cache)
+    finally:
+        handle.remove()
+    full = model.run_with_interventions(prompts[rows], edits)
+    assert seen == [torch.Size([4, 7 - n, 32])]  # the prefixes are not computed again
+    assert torch.allclose(reused.logits[:, n:], full.logits[:, n:], atol=1e-5)
+    with pytest.raises(MechkitError, match="does not hold"):
+        model.run_with_interventions(tiny_ids(2, 7, seed=3), {}, prefix=cache)
+    with pytest.raises(MechkitError, match="1 to 7 positions"):
+        model.prefix_cache(prompts, 0)
