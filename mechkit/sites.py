@@ -27,6 +27,8 @@ BLOCK_KINDS = (
     "attn.q",
     "attn.k",
     "attn.v",
+    "attn.rot_q",
+    "attn.rot_k",
     "attn.z",
     "attn.pattern",
     "attn.out",
@@ -58,6 +60,8 @@ AXES: dict[str, tuple[str, ...]] = {
     "attn.q": ("batch", "pos", "head", "d_head"),
     "attn.k": ("batch", "pos", "head", "d_head"),
     "attn.v": ("batch", "pos", "head", "d_head"),
+    "attn.rot_q": ("batch", "pos", "head", "d_head"),
+    "attn.rot_k": ("batch", "pos", "head", "d_head"),
     "attn.z": ("batch", "pos", "head", "d_head"),
     "attn.pattern": ("batch", "head", "pos", "key_pos"),
     "attn.out": ("batch", "pos", "d_model"),
@@ -67,6 +71,8 @@ AXES: dict[str, tuple[str, ...]] = {
     "moe.router": ("batch", "pos", "expert"),
     "moe.topk": ("batch", "pos", "expert"),
 }
+KV_HEAD_KINDS = frozenset(("attn.k", "attn.v", "attn.k_in", "attn.v_in", "attn.rot_k"))
+"""Head-axis kinds whose heads are the KV heads (fewer than the query heads under grouped-query attention)."""
 HEAD_KINDS = frozenset(k for k, axes in AXES.items() if "head" in axes)
 EXPERT_KINDS = frozenset(k for k, axes in AXES.items() if "expert" in axes)
 MOE_KINDS = frozenset({"moe.router", "moe.topk"})

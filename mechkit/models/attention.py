@@ -21,6 +21,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +30,25 @@ from torch import Tensor, nn
 from mechkit.errors import SiteNotSupportedError
 
 NAME = "mechkit_eager"
-PatternEdit = Callable[[Tensor], Tensor]
-_EDITS: ContextVar[Mapping[nn.Module, PatternEdit] | None] = ContextVar("mechkit_pattern_edits", default=None)
+Edit = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class AttentionEdits:
+    """What one attention module's call does to its inputs and pattern (each returns its argument
+    itself when it only reads). ``query`` / ``key`` see ``[batch, pos, head, d_head]`` (after
+    rotary), ``pattern`` sees ``[batch, head, query, key]``."""
+
+    query: Edit | None = None
+    key: Edit | None = None
+    pattern: Edit | None = None
+
+    def put(self, side: str, fn: Edit) -> None:
+        """Set the edit of a tap side (``"rot_q"``, ``"rot_k"`` or ``"pattern"``)."""
+        setattr(self, {"rot_q": "query", "rot_k": "key", "pattern": "pattern"}[side], fn)
+
+
+_EDITS: ContextVar[Mapping[nn.Module, AttentionEdits] | None] = ContextVar("mechkit_attention_edits", default=None)
 
 
 def _eager_of(module_type: type) -> Callable | None:
@@ -45,17 +63,27 @@ def has_eager_function(module: nn.Module) -> bool:
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs):
-    """Eager attention, with this forward pass's edit (if any) applied to the pattern before v."""
-    out, pattern = _eager_of(type(module))(module, query, key, value, attention_mask, **kwargs)
+    """Eager attention, with this forward pass's edits (if any) applied to the queries and keys
+    before the scores and to the pattern before v."""
     edit = (_EDITS.get() or {}).get(module)
-    if edit is None:
+    if edit is not None:
+        query, key = _heads_edit(edit.query, query), _heads_edit(edit.key, key)
+    out, pattern = _eager_of(type(module))(module, query, key, value, attention_mask, **kwargs)
+    if edit is None or edit.pattern is None:
         return out, pattern
-    new = edit(pattern)
+    new = edit.pattern(pattern)
     if new is pattern:  # read (or routed for gradients) only: eager's own output stands
         return out, pattern
     groups = new.shape[1] // value.shape[1]
     values = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     return torch.matmul(new.to(values.dtype), values).transpose(1, 2).contiguous(), new
+
+
+def _heads_edit(fn: Edit | None, x: Tensor) -> Tensor:
+    """Apply ``fn`` in the site layout ``[batch, pos, head, d_head]`` (HF passes ``[batch, head, pos, d]``)."""
+    if fn is None:
+        return x
+    return fn(x.transpose(1, 2)).transpose(1, 2)  # a read stays on the path, so gradients reach it
 
 
 @functools.cache
@@ -87,7 +115,7 @@ def is_eager(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def editable_patterns(model: nn.Module, edits: Mapping[nn.Module, PatternEdit]) -> Iterator[None]:
+def editable_patterns(model: nn.Module, edits: Mapping[nn.Module, AttentionEdits]) -> Iterator[None]:
     """Run ``model`` (eager) through mechkit's attention function with ``edits`` for one forward pass."""
     configs = _eager_configs(model)
     if not configs:

@@ -27,7 +27,7 @@ from mechkit.models.prefix import PrefixCache
 from mechkit.models.splice import Splice
 from mechkit.provenance import provenance
 from mechkit.selection import RunContext
-from mechkit.sites import MOE_KINDS, Site, is_pattern, nearest_names, select
+from mechkit.sites import KV_HEAD_KINDS, MOE_KINDS, Site, is_pattern, nearest_names, select
 
 SiteSpec = Union[str, Site, Sequence[Union[str, Site]]]
 
@@ -180,7 +180,7 @@ class Model:
     def _check_narrowing(self, site: Site) -> None:
         info = self.info
         if site.head is not None:
-            n = info.n_kv_heads if site.kind in ("attn.k", "attn.v", "attn.k_in", "attn.v_in") else info.n_heads
+            n = info.n_kv_heads if site.kind in KV_HEAD_KINDS else info.n_heads
             if n is not None and site.head >= n:
                 raise UnknownSiteError(f"{site}: head {site.head} is out of range; {site.kind} has {n} heads")
         if site.expert is not None and info.n_experts is not None and site.expert >= info.n_experts:

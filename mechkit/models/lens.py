@@ -83,7 +83,7 @@ from mechkit.models.taps import RunShape, RunState, Tap, apply_entries, get, gro
 from mechkit.models.verify import expected_shape
 from mechkit.sites import BLOCK_KINDS, GLOBAL_KINDS, Site
 
-GQA_KINDS = ("attn.k", "attn.v")
+GQA_KINDS = ("attn.k", "attn.v", "attn.rot_k")
 _DUMMY = (2, 5)
 
 

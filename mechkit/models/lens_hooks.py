@@ -15,6 +15,8 @@ HOOKS: dict[str, str] = {
     "attn.q": "blocks.{L}.attn.hook_q",
     "attn.k": "blocks.{L}.attn.hook_k",
     "attn.v": "blocks.{L}.attn.hook_v",
+    "attn.rot_q": "blocks.{L}.attn.hook_rot_q",  # rotary models only
+    "attn.rot_k": "blocks.{L}.attn.hook_rot_k",
     "attn.z": "blocks.{L}.attn.hook_z",
     "attn.pattern": "blocks.{L}.attn.hook_pattern",
     "attn.out": "blocks.{L}.hook_attn_out",

@@ -61,6 +61,8 @@ _MODULE_SITES = (
     "nnsight serves module values in execution order within one invoke, and module:<path> sites have "
     "no place in the verified site order; use the torch_hooks backend, or nnsight directly via model.nnsight"
 )
+_ROTATED = ("the queries and keys after rotary embeddings live inside mechkit's attention function, which only "
+            "the torch_hooks backend installs; use backend='torch_hooks'")
 _PATTERN_WRITES = (
     "pattern writes go through mechkit's attention function, which only the torch_hooks backend installs; "
     "nnsight reads the weights the attention module returns. Use backend='torch_hooks' to replace patterns"
@@ -96,6 +98,7 @@ class NNsightModel(Model):
                 self.sitemap: SiteMap = build_sitemap(module, name)
         else:
             self.sitemap = build_sitemap(module, name)
+        _drop_rotated_heads(self.sitemap)
         self._key_rank = _key_ranks(self.sitemap, self._place)
         prefix = len(wrapped.path) + 1
         self._envoys = {path[prefix:]: envoy for path, envoy in wrapped.named_modules()}
@@ -264,3 +267,12 @@ def _on_meta(module: nn.Module) -> bool:
 
 
 __all__ = ["NNsightModel"]
+
+
+def _drop_rotated_heads(sitemap: SiteMap) -> None:
+    """Rotated queries and keys exist only inside mechkit's attention function, which this backend
+    does not install."""
+    for site in [s for s, tap in sitemap.taps.items() if tap.side in ("rot_q", "rot_k")]:
+        del sitemap.taps[site], sitemap.module_paths[site]
+        sitemap.unavailable[site.kind] = _ROTATED
+    sitemap.order = [s for s in sitemap.order if s in sitemap.taps]

@@ -72,10 +72,10 @@ def check_prefix(model: Any, prefix: Any, batch: Batch, read: Sequence[Site], wr
     if model.edited_sites:
         raise MechkitError("prefix= reuses the unedited run's first positions, but intervene / splice contexts "
                            f"edit {model.edited_sites[0]}; run without prefix inside them")
-    bad = [s for s in writes if "pos" not in s.axes or "key_pos" in s.axes]
+    bad = [s for s in writes if "pos" not in s.axes or "key_pos" in s.axes or s.kind == "attn.rot_k"]
     if bad:
-        raise MechkitError(f"prefix= cannot apply the write at {bad[0]} (axes {bad[0].axes}): only sites with one "
-                           "position axis can be edited on the later positions alone")
+        raise MechkitError(f"prefix= cannot apply the write at {bad[0]} (axes {bad[0].axes}): it spans the reused "
+                           "positions; only sites with one position axis can be edited on the later positions alone")
 
 
 def at_positions(logits: Tensor, kept: Tensor, batch: Batch) -> Tensor:

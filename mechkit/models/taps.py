@@ -11,6 +11,8 @@ Sides:
   recompute the heads' outputs from their copies (:mod:`mechkit.models.projections`).
 - ``pattern``: the attention probabilities inside the module's attention function, where they
   can be replaced before they multiply v (:mod:`mechkit.models.attention`).
+- ``rot_q`` / ``rot_k``: the queries and keys that function receives (after rotary embeddings
+  and any q/k norm), read and replaced before the scores are computed.
 
 ``skip`` names the site kind that carries this site's residual skip: a write adds (new − old)
 there as well, so a site with no module boundary of its own (``resid_mid``: the MLP norm's input
@@ -28,11 +30,13 @@ from torch import Tensor
 
 from mechkit.models import projections
 
+ATTENTION_SIDES = ("pattern", "rot_q", "rot_k")
+
 
 @dataclass(frozen=True)
 class Tap:
     module: str
-    side: Literal["output", "input", "head_input", "pattern"] = "output"
+    side: Literal["output", "input", "head_input", "pattern", "rot_q", "rot_k"] = "output"
     item: int | None = None
     transform: str = "identity"
     chunk: int = 0  # which chunk of a fused projection (q=0, k=1, v=2)
@@ -47,6 +51,11 @@ class Tap:
     def hook_side(self) -> str:
         """Which hook serves the tap: head inputs are handled once the projection's output exists."""
         return "output" if self.side == "head_input" else self.side
+
+    @property
+    def in_attention(self) -> bool:
+        """Served inside mechkit's attention function rather than by a module hook."""
+        return self.side in ATTENTION_SIDES
 
 
 @dataclass(frozen=True)

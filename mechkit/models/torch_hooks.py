@@ -24,7 +24,7 @@ from mechkit.models.hf_forward import fingerprint, forward_kwargs, logits_of
 from mechkit.models.inputs import Batch
 from mechkit.models.prefix import PrefixCache, on_suffix, prefix_reusable, unedited_prefix
 from mechkit.models.sitemap import SiteMap, build_sitemap, unembed_with
-from mechkit.models.taps import RunShape, RunState, Tap, apply_entries, group_entries
+from mechkit.models.taps import ATTENTION_SIDES, RunShape, RunState, Tap, apply_entries, group_entries
 from mechkit.sites import Site
 
 
@@ -108,13 +108,13 @@ class TorchHooksModel(Model):
         sites = list(dict.fromkeys([*write, *read]))
         plan = group_entries(sites, dict(write), set(read), lambda site: (self._path(site), self._tap(site)))
         handles = []
-        edits: dict[nn.Module, Any] = {}  # attention module -> pattern rewrite, for mechkit's attention function
+        edits: dict[nn.Module, attention.AttentionEdits] = {}  # served by mechkit's attention function
         was_training = self.module.training
         try:
             for (path, side), entries in plan.items():
                 module = _submodule(self.module, path)
-                if side == "pattern":
-                    edits[module] = _pattern_edit(entries, state)
+                if side in ATTENTION_SIDES:
+                    edits.setdefault(module, attention.AttentionEdits()).put(side, _attention_edit(entries, state))
                 elif side == "output":
                     handles.append(module.register_forward_hook(_output_hook(entries, state), with_kwargs=True))
                 else:
@@ -210,11 +210,12 @@ def _input_hook(entries: list, state: RunState):
     return hook
 
 
-def _pattern_edit(entries: list, state: RunState):
-    """The pattern rewrite mechkit's attention function applies (returns the pattern itself if unchanged)."""
+def _attention_edit(entries: list, state: RunState):
+    """A rewrite mechkit's attention function applies to a pattern, queries or keys (returning its
+    argument itself if unchanged)."""
 
-    def edit(pattern: Tensor) -> Tensor:
-        return apply_entries(entries, pattern, state)[0]
+    def edit(x: Tensor) -> Tensor:
+        return apply_entries(entries, x, state)[0]
 
     return edit
 

@@ -49,6 +49,8 @@ def expected_shape(site: Site, info: ModelInfo, batch: int, seq: int) -> tuple[i
         "attn.q": (batch, seq, h, dh),
         "attn.k": (batch, seq, kv, dh),
         "attn.v": (batch, seq, kv, dh),
+        "attn.rot_q": (batch, seq, h, dh),
+        "attn.rot_k": (batch, seq, kv, dh),
         "attn.z": (batch, seq, h, dh),
         "attn.pattern": (batch, h, seq, seq),
         "moe.router": (batch, seq, info.n_experts),
@@ -65,7 +67,7 @@ def verify(model: nn.Module, sitemap: SiteMap) -> None:
     shape = sitemap.run_shape(_BATCH, _SEQ)
     seen: dict[Site, Any] = {}
     order: list[Site] = []
-    edits, dropped = _pattern_probes(model, sitemap, seen)
+    edits, dropped = _attention_probes(model, sitemap, seen)
     ids = torch.arange(_BATCH * _SEQ).reshape(_BATCH, _SEQ) % max(sitemap.info.vocab_size or 2, 1)
     reference = _dummy_forward(model, ids) if edits else None
     handles = _install(model, sitemap, shape, seen, order)
@@ -76,17 +78,18 @@ def verify(model: nn.Module, sitemap: SiteMap) -> None:
         for handle in handles:
             handle.remove()
     if reference is not None and not reference.is_meta and not torch.equal(reference, logits):
-        dropped.update(dict.fromkeys(_kind_sites(sitemap, "attn.pattern"), NOT_REPRODUCED))
+        dropped.update(dict.fromkeys(_attention_sites(sitemap), NOT_REPRODUCED))
     _check_seen(sitemap, seen, order, dropped)
 
 
-def _kind_sites(sitemap: SiteMap, kind: str) -> list[Site]:
-    return [s for s in sitemap.taps if s.kind == kind]
+def _attention_sites(sitemap: SiteMap) -> list[Site]:
+    return [s for s, tap in sitemap.taps.items() if tap.in_attention]
 
 
-def _pattern_probes(model: nn.Module, sitemap: SiteMap, seen: dict) -> tuple[dict, dict[Site, str]]:
-    """Edits that record each pattern as mechkit's attention function sees it (or why they cannot)."""
-    sites = _kind_sites(sitemap, "attn.pattern")
+def _attention_probes(model: nn.Module, sitemap: SiteMap, seen: dict) -> tuple[dict, dict[Site, str]]:
+    """Edits that record each pattern, query and key as mechkit's attention function sees them
+    (or why they cannot)."""
+    sites = _attention_sites(sitemap)
     if not sites:
         return {}, {}
     modules = {site: model.get_submodule(sitemap.module_paths[site]) for site in sites}
@@ -96,13 +99,16 @@ def _pattern_probes(model: nn.Module, sitemap: SiteMap, seen: dict) -> tuple[dic
         return {}, dict.fromkeys(sites, NO_EAGER_FUNCTION)
 
     def probe(site: Site):
-        def edit(pattern: torch.Tensor) -> torch.Tensor:
-            seen[site] = pattern
-            return pattern
+        def edit(x: torch.Tensor) -> torch.Tensor:
+            seen[site] = x
+            return x
 
         return edit
 
-    return {module: probe(site) for site, module in modules.items()}, {}
+    edits: dict[nn.Module, attention.AttentionEdits] = {}
+    for site, module in modules.items():
+        edits.setdefault(module, attention.AttentionEdits()).put(sitemap.taps[site].side, probe(site))
+    return edits, {}
 
 
 def _dummy_forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -119,7 +125,7 @@ def _install(model: nn.Module, sitemap: SiteMap, shape: RunShape, seen: dict, or
     """One recording hook per (module, hook side); patterns are recorded when their module returns."""
     groups: dict[tuple[str, str], list[Site]] = {}
     for site, path in sitemap.module_paths.items():
-        side = "output" if sitemap.taps[site].side == "pattern" else sitemap.taps[site].hook_side
+        side = "output" if sitemap.taps[site].in_attention else sitemap.taps[site].hook_side
         groups.setdefault((path, side), []).append(site)
 
     def make_hook(sites: list[Site]):
@@ -127,7 +133,7 @@ def _install(model: nn.Module, sitemap: SiteMap, shape: RunShape, seen: dict, or
             for site in sites:
                 if site not in order:
                     order.append(site)
-                if sitemap.taps[site].side != "pattern":
+                if not sitemap.taps[site].in_attention:
                     seen[site] = _probe(sitemap.taps[site], module, args, kwargs, output, shape)
 
         return hook

@@ -34,8 +34,9 @@ Options (see :class:`AttributionConfig`):
   recomputed *exactly* with the patched query or key — ``softmax(q · kᵀ / √d_head)`` over the keys a
   query may see — and only what follows the pattern is linearised: effect ≈ Σ (A_patched − A) ·
   ∂m/∂A. Patching the key at position ``s`` changes column ``s`` of every row; ``per="all"`` patches
-  every key of the head at once. It needs patterns that are reproducible from ``attn.q`` /
-  ``attn.k`` (no rotary embedding): checked on the run, an error otherwise.
+  every key of the head at once. The scores come from ``attn.rot_q`` / ``attn.rot_k`` (after rotary
+  embeddings) where the backend has them, else from ``attn.q`` / ``attn.k``; patterns that are not
+  reproduced from them (another score function) are an error.
 - ``grad_drop`` (AtP*): for each layer ℓ the backward runs again with the gradient through layer
   ℓ's ``attn.out`` and ``mlp.out`` set to zero (their forward values unchanged), which removes the
   paths through ℓ; the score is ``Σ_ℓ |ĉ_ℓ| / (L − 1)`` with ``ĉ_ℓ`` the prompt-mean effect (per
@@ -263,7 +264,7 @@ def _estimate(model: Any, pairs: PatchingPairs, sites: list[Site], fn: Metric,
     if cfg.qk_fix and not qk:
         raise MechkitError("qk_fix applies to query and key nodes: add sites such as 'blocks.*.attn.q' and "
                            "'blocks.*.attn.k'")
-    extra = [Site(kind, s.layer) for s in qk for kind in ("attn.q", "attn.k", "attn.pattern")]
+    extra = [Site(kind, s.layer) for s in qk for kind in (*_score_kinds(model, s.layer), "attn.pattern")]
     read = list(dict.fromkeys([*sites, *extra]))
     src = model.run_with_cache(source, read)
     drops: list[dict[str, Any]] = [{}] if not cfg.grad_drop else _layer_drops(model)
@@ -273,7 +274,7 @@ def _estimate(model: Any, pairs: PatchingPairs, sites: list[Site], fn: Metric,
         with _backward_rules(model, cfg):
             grads = model.gradients(base, read, summed, interventions=drop)
         real = base.attention_mask.bool()
-        effects.append({s: _qk_effect(s, grads, src.cache, real, cfg.per) if s in qk
+        effects.append({s: _qk_effect(s, _score_kinds(model, s.layer), grads, src.cache, real, cfg.per) if s in qk
                         else _linear_effect(s, src.cache[s] - grads.activations[s], grads.grads[s], real)
                         for s in sites})
     m_base, m_source = fn(grads.logits, pairs).double(), fn(src.logits, pairs).double()
@@ -335,19 +336,26 @@ def _broadcast(real: Tensor, like: Tensor) -> Tensor:
 # -- AtP*: exact softmax for query and key nodes ----------------------------------------------------
 
 
-def _qk_effect(site: Site, grads: Any, source: Any, real: Tensor, per: str) -> Tensor:
+def _score_kinds(model: Any, layer: int | None) -> tuple[str, str]:
+    """The query and key sites whose scaled dot product is layer ``layer``'s attention score: after
+    rotary embeddings where the model has them (patching a query or key at a position patches its
+    rotated value there, so the node effect is the same)."""
+    return ("attn.rot_q", "attn.rot_k") if Site("attn.rot_q", layer) in model.sites else ("attn.q", "attn.k")
+
+
+def _qk_effect(site: Site, kinds: tuple[str, str], grads: Any, source: Any, real: Tensor, per: str) -> Tensor:
     """Effects ``[n, pos, head]`` of patching one query (or key) with the pattern recomputed exactly."""
-    layer = site.layer
-    q, k = (grads.activations[Site(kind, layer)].double() for kind in ("attn.q", "attn.k"))
+    layer, (q_kind, k_kind) = site.layer, kinds
+    q, k = (grads.activations[Site(kind, layer)].double() for kind in kinds)
     pattern = grads.activations[Site("attn.pattern", layer)].double()
     g = grads.grads[Site("attn.pattern", layer)].double()
     visible = _visible(real)
     scores = _scores(q, k, visible)
     _check_reproducible(scores, pattern, real, layer)
     if site.kind == "attn.q":
-        patched = _scores(source[Site("attn.q", layer)].double(), k, visible).softmax(-1)
+        patched = _scores(source[Site(q_kind, layer)].double(), k, visible).softmax(-1)
         return ((patched - pattern) * g).sum(-1).transpose(1, 2) * _broadcast(real, q[..., 0])
-    new = _scores(q, source[Site("attn.k", layer)].double(), visible)
+    new = _scores(q, source[Site(k_kind, layer)].double(), visible)
     n_kv = k.shape[2]
     if per == "all":  # every key of the head patched at once: one exact softmax per row
         total = _group_heads(((new.softmax(-1) - pattern) * g).sum((-1, -2)), n_kv)
@@ -377,9 +385,10 @@ def _check_reproducible(scores: Tensor, pattern: Tensor, real: Tensor, layer: in
     rows = real[:, None, :, None]
     gap = ((scores.softmax(-1) - pattern).abs() * rows).max()
     if float(gap) > 1e-4:
-        raise MechkitError(f"qk_fix: layer {layer}'s attention pattern is not softmax(q·kᵀ/√d_head) of its attn.q "
-                           f"and attn.k sites (max difference {float(gap):.3g}; rotary position embeddings or another "
-                           "score function?), so it cannot be recomputed exactly; use qk_fix=False for this model")
+        raise MechkitError(f"qk_fix: layer {layer}'s attention pattern is not softmax(q·kᵀ/√d_head) of its query "
+                           f"and key sites (max difference {float(gap):.3g}; rotary position embeddings on a backend "
+                           "without attn.rot_q / attn.rot_k, or another score function?), so it cannot be recomputed "
+                           "exactly; use backend='torch_hooks' or qk_fix=False")
 
 
 def _single_key_effects(scores: Tensor, new: Tensor, pattern: Tensor, g: Tensor, visible: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ NOT_EXPRESSED = {
 }
 NOT_EXPRESSED[("bridge", "bert")]["attn.in"] = lens_module.UNSUPPORTED["bert"]["attn.in"]
 NOT_EXPRESSED[("hooked_transformer", "llama")]["attn.in"] = lens_module.GQA_ATTN_IN_REASON
+for rotated in ("attn.rot_q", "attn.rot_k"):  # the Bridge has no rotated q/k hook for GPT-NeoX
+    NOT_EXPRESSED[("bridge", "gpt_neox")][rotated] = "no TransformerLens hook point provides it for gpt_neox"
 # sites it reads but cannot write
 READ_ONLY = {
     **{("bridge", arch): {"moe.router": lens_module.ROUTER_READONLY} for arch in MOE_ARCHS},

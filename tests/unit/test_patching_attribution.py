@@ -213,11 +213,22 @@ def test_each_relevance_rule_has_the_backward_it_claims():
     torch.testing.assert_close(grad, 0.5 * (through_gate + through_up))  # half rule
 
 
-def test_qk_fix_recomputes_the_pattern_exactly():
-    hf = tiny_hf_model("gpt2", n_layer=3)  # learned positions: softmax(q·kᵀ/√d) is the pattern
-    with torch.no_grad():  # sharp attention, where linearising the softmax is visibly off
-        hf.transformer.h[2].attn.c_attn.weight[:, : 2 * hf.config.n_embd] *= 6
-    model = mechkit.load(hf)
+def _sharp(arch: str):
+    """A 3-layer model whose last layer attends sharply, where linearising the softmax is visibly off."""
+    hf = tiny_hf_model(arch, n_layer=3) if arch == "gpt2" else tiny_hf_model(arch, num_hidden_layers=3,
+                                                                            num_key_value_heads=4)
+    with torch.no_grad():
+        if arch == "gpt2":  # learned positions: softmax(q·kᵀ/√d) of attn.q / attn.k is the pattern
+            hf.transformer.h[2].attn.c_attn.weight[:, : 2 * hf.config.n_embd] *= 6
+        else:  # rotary: the pattern is softmax of the rotated queries and keys (attn.rot_q / rot_k)
+            hf.model.layers[2].self_attn.q_proj.weight *= 6
+            hf.model.layers[2].self_attn.k_proj.weight *= 6
+    return mechkit.load(hf)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_qk_fix_recomputes_the_pattern_exactly(arch):
+    model = _sharp(arch)
     pairs = _toy_pairs(lengths=(7, 7, 7, 7, 6))
     layer, head, t = 2, 1, int(pairs.last[0])
     fixed = attribution_patching(model, pairs, sites=f"blocks.{layer}.attn.q,blocks.{layer}.attn.k", qk_fix=True,
@@ -246,10 +257,13 @@ def test_qk_fix_recomputes_the_pattern_exactly():
                                  direction="denoise")
     linear, exact = plain.scores[0, 0, head, t] - base[0], fixed.scores[0, 0, head, t] - base[0]
     assert abs(float(linear - exact)) > 0.05 * abs(float(exact)) > 0, (float(linear), float(exact))
-    rotary = mechkit.load(tiny_hf_model("llama"))
-    toy = _toy_pairs()
+
+
+def test_qk_fix_refuses_a_rotary_model_without_rotated_sites():
+    nnsight = pytest.importorskip("nnsight")
+    rotary = mechkit.load(nnsight.NNsight(tiny_hf_model("llama")))  # no attn.rot_q / rot_k on this backend
     with pytest.raises(MechkitError, match="rotary"):
-        attribution_patching(rotary, toy, sites="blocks.0.attn.q", qk_fix=True)
+        attribution_patching(rotary, _toy_pairs(), sites="blocks.0.attn.q", qk_fix=True)
 
 
 def test_grad_drop_keeps_last_layer_nodes_and_averages_magnitudes(model, pairs):

@@ -27,6 +27,8 @@ TABLES = [
             "attn.k": Tap(QKV, transform="neox_qkv", chunk=1),
             "attn.v": Tap(QKV, transform="neox_qkv", chunk=2),
             "attn.z": Tap(f"{H}.attention.dense", "input", transform="heads"),
+            "attn.rot_q": Tap(f"{H}.attention", "rot_q"),  # partial rotary applied
+            "attn.rot_k": Tap(f"{H}.attention", "rot_k"),
             "attn.pattern": Tap(f"{H}.attention", "pattern"),
             "attn.out": Tap(f"{H}.attention", item=0),
             "resid_mid": Tap(f"{H}.post_attention_layernorm", "input", skip="resid_post"),

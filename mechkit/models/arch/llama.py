@@ -21,6 +21,8 @@ ATTENTION = {
     "attn.k": Tap(f"{H}.self_attn.k_proj", transform="kv_heads"),
     "attn.v": Tap(f"{H}.self_attn.v_proj", transform="kv_heads"),
     "attn.z": Tap(f"{H}.self_attn.o_proj", "input", transform="heads"),
+    "attn.rot_q": Tap(f"{H}.self_attn", "rot_q"),  # after rotary (and any q/k norm)
+    "attn.rot_k": Tap(f"{H}.self_attn", "rot_k"),
     "attn.pattern": Tap(f"{H}.self_attn", "pattern"),
     "attn.out": Tap(f"{H}.self_attn", item=0),
     "resid_mid": Tap(f"{H}.post_attention_layernorm", "input", skip="resid_post"),
