@@ -70,6 +70,10 @@ class RunSpec:
     """Balance each MoE layer on its own (mean over layers of the Switch loss of that layer) instead
     of the transformers loss, which pools the routing of all layers: a layer can collapse there
     while the pooled load stays even."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the router z-loss, the mean over MoE layers of the mean squared log-sum-exp of the
+    router logits (OLMoE trains with 0.001). Unlike load balancing it sees the logit shared by every
+    expert, so it also moves the router's mean expert row."""
     router_weight_decay: float | None = None
     """Weight decay of the MoE router matrices (None: ``weight_decay`` like every other parameter)."""
     center_router: bool = False
@@ -102,8 +106,8 @@ class RunSpec:
         d = asdict(self)
         d["task"] = self.task.to_dict()
         d["betas"] = list(self.betas)
-        for key in ("early_every", "aux_loss_per_layer", "center_router"):  # the specs and cards of runs
-            if not d[key]:  # without them stay as they were
+        for key in ("early_every", "aux_loss_per_layer", "center_router", "router_z_loss_coef"):
+            if not d[key]:  # cards of runs without them stay as they were
                 del d[key]
         if d["router_weight_decay"] is None:
             del d["router_weight_decay"]
@@ -191,7 +195,7 @@ def _run(spec: RunSpec, trainer: loop.Trainer, start: int, bar, stop_after: int 
     ckpt_dtype = DTYPES[spec.checkpoint_dtype]
     evaluator = copy.deepcopy(model).eval()
     candidates = set(candidate_steps(spec))
-    fwd_kwargs = {"output_router_logits": True} if spec.aux_loss_coef else {}
+    fwd_kwargs = {"output_router_logits": True} if spec.aux_loss_coef or spec.router_z_loss_coef else {}
 
     def checkpoint(step: int) -> None:
         # the shipped checkpoint is rounded to its dtype; its metrics are measured on what is shipped
@@ -214,6 +218,8 @@ def _run(spec: RunSpec, trainer: loop.Trainer, start: int, bar, stop_after: int 
         if spec.aux_loss_coef:
             aux = per_layer_balance_loss(res.router_logits, spec) if spec.aux_loss_per_layer else res.aux_loss
             loss = loss + spec.aux_loss_coef * aux
+        if spec.router_z_loss_coef:
+            loss = loss + spec.router_z_loss_coef * router_z_loss(res.router_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.grad_clip:
@@ -242,6 +248,11 @@ def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], spec: RunSpe
         chosen = torch.nn.functional.one_hot(probs.topk(k, -1).indices, n_experts).float()  # [T, k, E]
         losses.append(n_experts * (chosen.mean(0) * probs.mean(0)).sum())
     return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over MoE layers of mean_t logsumexp(z_t)² (ST-MoE's router z-loss, as OLMoE uses it)."""
+    return torch.stack([logits.float().logsumexp(-1).square().mean() for logits in router_logits]).mean()
 
 
 def _finish(spec: RunSpec, trainer: loop.Trainer) -> dict:
