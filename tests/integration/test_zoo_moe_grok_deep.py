@@ -261,3 +261,38 @@ def test_router_options_keep_the_function_and_the_shipped_spec(tmp_path: Path) -
 
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
     assert max(float(w.mean(0).abs().max()) for w in grok.router_weights(trained)) < 1e-6
+
+
+def test_router_z_loss_sees_the_logit_every_expert_shares(tmp_path: Path) -> None:
+    """``router_z_loss`` is the mean over layers of mean_t logsumexp(z_t)²; a logit added to every expert
+    changes it (the balancing loss cannot see that shift); off by default (absent from the spec), and when
+    on it moves the routers' mean expert row that training without it leaves to AdamW's drift."""
+    import dataclasses
+
+    from mechkit.zoo.recipes import grok
+
+    spec = moe_grok_deep.spec(smoke=True)
+    gen = torch.Generator().manual_seed(0)
+    layers = tuple(torch.randn(40, 8, generator=gen) for _ in range(3))
+    want = torch.stack([torch.stack([row.logsumexp(0) ** 2 for row in lg]).mean() for lg in layers]).mean()
+    torch.testing.assert_close(grok.router_z_loss(layers), want)
+    shifted = tuple(lg + 3.0 for lg in layers)
+    assert grok.router_z_loss(shifted) > grok.router_z_loss(layers) + 1.0
+    e = spec.model_config["num_experts"]
+    smoke_layers = tuple(lg[:, :e] for lg in layers)
+    torch.testing.assert_close(grok.per_layer_balance_loss(tuple(lg + 3.0 for lg in smoke_layers), spec),
+                               grok.per_layer_balance_loss(smoke_layers, spec))
+    assert "router_z_loss_coef" not in spec.to_dict()
+
+    def mean_rows(coef: float) -> list[torch.Tensor]:
+        run = dataclasses.replace(spec, router_z_loss_coef=coef)
+        assert ("router_z_loss_coef" in run.to_dict()) == bool(coef)
+        out = tmp_path / f"z{coef}"
+        grok.train(run, out, progress=False)
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        return [w.detach().mean(0) for w in grok.router_weights(trained)]
+
+    without, with_z = mean_rows(0.0), mean_rows(1.0)
+    assert max(float((a - b).abs().max()) for a, b in zip(without, with_z)) > 1e-3
