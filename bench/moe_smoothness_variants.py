@@ -30,6 +30,7 @@ VARIANTS = {
     "center_h64": {"center_router": True, "model_config": {"hidden_size": 64}},
     "center_constlr": {"center_router": True, "decay_frac": 1.0},
     "constlr": {"decay_frac": 1.0},
+    "center_decay90": {"center_router": True, "decay_frac": 0.9},
     "zloss": {"router_z_loss_coef": 0.001},
     "zloss_constlr": {"router_z_loss_coef": 0.001, "decay_frac": 1.0},
 }

@@ -94,7 +94,8 @@ def test_every_checkpoint_re_measures_like_its_index_and_card(root: Path, series
         assert all(measured[s]["train_acc"] < 0.99 for s in steps if s < s1)
         assert all(measured[s]["test_acc"] < 0.95 for s in steps if s < s2)
         assert s2 >= 10 * s1 and measured[s1]["test_acc"] < 0.5  # memorised first, generalised much later
-        assert final["test_acc"] >= 0.95
+        # constant learning rate: after grokking test accuracy wobbles a few points below its peak
+        assert final["test_acc"] >= 0.9 and min(m["test_acc"] for s, m in measured.items() if s >= s2) >= 0.85
     else:  # the control never generalises: test accuracy stays near chance (1/p)
         chance = 1 / card["task"]["p"]
         assert max(m["test_acc"] for m in measured.values()) < chance + 0.05
@@ -227,13 +228,13 @@ def test_per_layer_balance_loss_is_the_transformers_loss_of_each_layer() -> None
 def test_router_options_keep_the_function_and_the_shipped_spec(tmp_path: Path) -> None:
     """``center_router`` removes each router's mean expert row without changing any output (the softmax
     over experts cannot see it) and keeps it removed through training; ``router_weight_decay`` gives the
-    routers, and only them, their own decay; by default the spec (and so the shipped run) is unchanged."""
+    routers, and only them, their own decay; the shipped spec centres its routers and leaves their decay alone."""
     import dataclasses
 
     from mechkit.zoo.recipes import grok
 
     base = moe_grok_deep.spec(smoke=True)
-    assert "center_router" not in base.to_dict() and "router_weight_decay" not in base.to_dict()
+    assert base.to_dict()["center_router"] is True and "router_weight_decay" not in base.to_dict()
     torch.manual_seed(0)
     model = grok.build_model(base).eval()
     routers = grok.router_weights(model)
@@ -263,6 +264,21 @@ def test_router_options_keep_the_function_and_the_shipped_spec(tmp_path: Path) -
     assert max(float(w.mean(0).abs().max()) for w in grok.router_weights(trained)) < 1e-6
 
 
+@pytest.mark.parametrize("series", ["main", "control"])
+def test_shipped_routers_have_no_mean_expert_row(root: Path, series: str) -> None:
+    """Both series trained with ``center_router``: the final fp32 routers' mean expert rows are zero, so the
+    routing embeddings of METHODS §6 read only what the softmax over experts sees."""
+    from transformers import AutoModelForCausalLM
+
+    from mechkit.zoo.recipes import grok
+
+    folder = _series(root)[series]
+    assert _read(folder)[0]["hyperparameters"]["center_router"] is True
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    routers = grok.router_weights(model)
+    assert max(float(w.mean(0).abs().max()) for w in routers) < 1e-6 < min(float(w.abs().max()) for w in routers)
+
+
 def test_router_z_loss_sees_the_logit_every_expert_shares(tmp_path: Path) -> None:
     """``router_z_loss`` is the mean over layers of mean_t logsumexp(z_t)²; a logit added to every expert
     changes it (the balancing loss cannot see that shift); off by default (absent from the spec), and when
@@ -285,7 +301,7 @@ def test_router_z_loss_sees_the_logit_every_expert_shares(tmp_path: Path) -> Non
     assert "router_z_loss_coef" not in spec.to_dict()
 
     def mean_rows(coef: float) -> list[torch.Tensor]:
-        run = dataclasses.replace(spec, router_z_loss_coef=coef)
+        run = dataclasses.replace(spec, router_z_loss_coef=coef, center_router=False)  # let the mean row move
         assert ("router_z_loss_coef" in run.to_dict()) == bool(coef)
         out = tmp_path / f"z{coef}"
         grok.train(run, out, progress=False)
