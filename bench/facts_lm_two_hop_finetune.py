@@ -1,0 +1,150 @@
+"""Fine-tune ``facts-lm`` (or any checkpoint of its architecture) with extra in-context sources and
+watch whether in-context two-hop composition appears; a diagnostic for issue 6 item 8, not a recipe.
+
+Extra sources, all counterfactual (random values, so memory cannot answer), loss on the answer only:
+
+- ``lookup``: k facts of one relation, then the first fact's prompt again ("Dax lives in Klim. Bob
+  lives in Mor. Bob lives in" -> Mor);
+- ``hops``: a two-hop context (1-3 distractor chains) asking one of its single hops ("S lives in" ->
+  bridge, or "B is a city in" -> object);
+- ``two_hop``: the two-hop question itself (1-3 distractor chains);
+- ``second_only``: the two-hop question where distractor chains state only their second hop, so the
+  bridge is unique and only the second look-up has to use a fetched token.
+
+The base mix of the recipe (``Stream``) trains next to them, scaled by ``--mix``. Every 100 steps it
+prints accuracy on fresh items of each source and on the held-out two-hop set of the card::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/facts_lm_two_hop_finetune.py --steps 1500 --hops 32 --two-hop 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from mechkit import tasks
+from mechkit.tasks.two_hop import CHAINS
+from mechkit.tasks.world import RELATIONS, build_world, render, values_of
+from mechkit.zoo.recipes import facts_lm
+from mechkit.zoo.recipes.facts_eval import accuracy, eval_sets, is_eval_prompt, measure
+
+LOOKUP_RELATIONS = ("home", "located", "pet", "coat", "eats", "flag")
+
+
+def item(prompt: str, answer: str) -> tasks.TaskItem:
+    return tasks.TaskItem(prompt, " " + answer, None, None, None, {})
+
+
+def lookup_items(rng: random.Random, n: int, k_range: tuple[int, int] = (2, 4)) -> list[tasks.TaskItem]:
+    world, out = build_world(0), []
+    while len(out) < n:
+        rel = rng.choice(LOOKUP_RELATIONS)
+        k = rng.randint(*k_range)
+        subjects = rng.sample(list(dict.fromkeys(world.subjects(rel))), k)
+        objects = rng.sample(values_of(RELATIONS[rel][1]), k)
+        q = rng.randrange(k)
+        facts = " ".join(render(rel, 0, s, o) + "." for s, o in zip(subjects, objects))
+        prompt = facts + " " + render(rel, 0, subjects[q])
+        if not is_eval_prompt(prompt):
+            out.append(item(prompt, objects[q]))
+    return out
+
+
+def two_hop_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    out: list[tasks.TaskItem] = []
+    while len(out) < n:
+        batch = tasks.generate("two_hop", 8, rng.randrange(10**8), distractors=rng.randint(1, 3), counterfactual=True)
+        out += [it for it in batch if not is_eval_prompt(it.prompt)]
+    return out[:n]
+
+
+def hop_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    out = []
+    for it in two_hop_items(rng, n):
+        r1, r2, _ = CHAINS[it.meta["chain"]]
+        facts = it.prompt[: it.prompt.rindex(".") + 1]
+        if rng.random() < 0.5:
+            out.append(item(facts + " " + render(r1, 0, it.meta["subject"]), it.meta["bridge"]))
+        else:
+            out.append(item(facts + " " + render(r2, 0, it.meta["bridge"]), it.meta["object"]))
+    return out
+
+
+def second_only_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    out = []
+    for it in two_hop_items(rng, n):
+        r1, r2, question = CHAINS[it.meta["chain"]]
+        s, b, o = it.meta["subject"], it.meta["bridge"], it.meta["object"]
+        seconds = [(b, o)] + [(d[1], d[2]) for d in it.meta["distractors"]]
+        rng.shuffle(seconds)
+        facts = [render(r1, 0, s, b) + "."] + [render(r2, 0, x, y) + "." for x, y in seconds]
+        out.append(item(" ".join([*facts, question.format(s=s)]), o))
+    return out
+
+
+SOURCES = {"lookup": lookup_items, "hops": hop_items, "two_hop": two_hop_items, "second_only": second_only_items}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", default="assets/zoo/facts-lm")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mix", type=float, default=1.0, help="scale of the recipe's own rows per step")
+    for name in SOURCES:
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help=f"{name} rows per step")
+    ap.add_argument("--save", default="")
+    args = ap.parse_args()
+    rows = {name: getattr(args, name) for name in SOURCES}
+
+    model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).train()
+    tok = tasks.load_tokenizer("assets/zoo/facts-lm")
+    base = facts_lm.spec()
+    sp = dataclasses.replace(base, rows=tuple((s, max(1, int(n * args.mix))) for s, n in base.rows))
+    stream = facts_lm.Stream(sp)
+    probes = {name: tasks.TaskSet(name, tuple(make(random.Random(77), 300)), {}) for name, make in SOURCES.items()}
+    heldout = eval_sets(500)["two_hop"][0]
+
+    def to_rows(items: list[tasks.TaskItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = [stream._task_row(it, True) for it in items]
+        return facts_lm._pad([r for r, _ in encoded], [y for _, y in encoded], sp.n_positions)
+
+    def report(step: int, t0: float) -> None:
+        model.eval()
+        with torch.no_grad():
+            acc = {name: accuracy(model, tok, ts) for name, ts in probes.items()}
+            acc["heldout_two_hop"] = accuracy(model, tok, heldout)
+            if step % 500 == 0:
+                acc.update(measure(model, tok, 500, limit=200))
+        model.train()
+        print(step, round(time.time() - t0), json.dumps({k: round(v, 3) for k, v in acc.items()}), flush=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=sp.weight_decay, betas=sp.betas)
+    rng, t0 = random.Random(0), time.time()
+    report(0, t0)
+    for step in range(1, args.steps + 1):
+        batch = stream.batch(10**6 + step)  # steps the recipe never draws
+        batch.update({name: to_rows(SOURCES[name](rng, n)) for name, n in rows.items() if n})
+        losses = [facts_lm.row_loss(model(input_ids=ids, attention_mask=(ids != 0).long()).logits.float(), lab,
+                                    sp.context_weight) for ids, lab in batch.values()]
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / 50)
+        opt.zero_grad(set_to_none=True)
+        (sum(losses) / len(losses)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), sp.grad_clip)
+        opt.step()
+        if step % 100 == 0:
+            report(step, t0)
+    if args.save:
+        model.save_pretrained(args.save)
+
+
+if __name__ == "__main__":
+    main()
