@@ -9,6 +9,11 @@ every layer on its own (OLMoE's own loss pools all layers, and under it single e
 layers fell below 1% of the routed tokens). Without the clipping Adam's loss spikes recur every
 100-200 steps and test accuracy stalls near 90%. Train accuracy saturates early, test accuracy much
 later; candidates are evaluated every 5 steps up to step 200 to locate memorisation finely.
+The control permutes the training labels once (``shuffle_seed``): it memorises
+and has nothing to generalise. Both series ship 22 fp16 checkpoints (loading computes in fp32)::
+
+    out/            the main series (grok.train layout: card.json, checkpoints/, split.safetensors, ...)
+    out/control/    the label-shuffled control, same layout
 
 Two settings serve the pathway-consistency metric of METHODS §6, whose routing embedding
 Σ_k ḡ_k W_ℓ[k] depends on each router's mean expert row although the softmax over experts cannot
@@ -19,11 +24,6 @@ constant after the warm-up: under a final cosine decay the smoothness of the cen
 with test accuracy and then fell back during the decay (r +0.42 with a decay over the last 25%,
 +0.46 over the last 10%; +0.69 at a constant rate, where test accuracy ends at 92% after reaching
 95%). ``bench/RESULTS.md`` lists every variant measured.
-The control permutes the training labels once (``shuffle_seed``): it memorises
-and has nothing to generalise. Both series ship 22 fp16 checkpoints (loading computes in fp32)::
-
-    out/            the main series (grok.train layout: card.json, checkpoints/, split.safetensors, ...)
-    out/control/    the label-shuffled control, same layout
 
 The cards add a ``routing`` entry measured on the final weights: the share of routed token slots
 each expert of each layer receives on the training set, and the number of distinct pathway strings
