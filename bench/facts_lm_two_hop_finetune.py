@@ -3,13 +3,21 @@ watch whether in-context two-hop composition appears; a diagnostic for issue 6 i
 
 Extra sources, all counterfactual (random values, so memory cannot answer), loss on the answer only:
 
-- ``lookup``: k facts of one relation, then the first fact's prompt again ("Dax lives in Klim. Bob
-  lives in Mor. Bob lives in" -> Mor);
+- ``lookup``: k facts of one relation, then one fact's own prompt again ("Dax lives in Klim. Bob
+  lives in Mor. Bob lives in" -> Mor), which an induction head answers;
 - ``hops``: a two-hop context (1-3 distractor chains) asking one of its single hops ("S lives in" ->
   bridge, or "B is a city in" -> object);
 - ``two_hop``: the two-hop question itself (1-3 distractor chains);
 - ``second_only``: the two-hop question where distractor chains state only their second hop, so the
-  bridge is unique and only the second look-up has to use a fetched token.
+  bridge is unique and only the second look-up has to use a fetched token;
+- ``first_question`` / ``second_question`` / ``question_hops`` (both): one hop of a two-hop context
+  asked through a paraphrase shaped like the two-hop question ("S lives in the city of" -> bridge,
+  "The city of B lies in" -> object), so no repeated prefix gives it away;
+- ``gap`` (``home_gap``: home facts only; ``near_gap``: key and value adjacent): facts stated with
+  0..all of the words between key and value kept ("Anko Prax." / "Marn in Crast." / "Rilka lives in
+  Gorm."), asked the same way.
+
+``--grow 2,4`` inserts identity blocks (a 6-layer model with the same function) before training.
 
 The base mix of the recipe (``Stream``) trains next to them, scaled by ``--mix``. Every 100 steps it
 prints accuracy on fresh items of each source and on the held-out two-hop set of the card::
@@ -30,7 +38,7 @@ from transformers import AutoModelForCausalLM
 
 from mechkit import tasks
 from mechkit.tasks.two_hop import CHAINS
-from mechkit.tasks.world import RELATIONS, build_world, render, values_of
+from mechkit.tasks.world import RELATIONS, TEMPLATES, build_world, render, values_of
 from mechkit.zoo.recipes import facts_lm
 from mechkit.zoo.recipes.facts_eval import accuracy, eval_sets, is_eval_prompt, measure
 
@@ -88,7 +96,102 @@ def second_only_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
     return out
 
 
-SOURCES = {"lookup": lookup_items, "hops": hop_items, "two_hop": two_hop_items, "second_only": second_only_items}
+# Single hops asked at the final position of a question shaped like the two-hop one (a paraphrase, so
+# not answerable by copying after a repeated prefix): first hop -> bridge, second hop -> object.
+FIRST_HOP_QUESTIONS = {"home_country": "{s} lives in the city of", "pet_color": "The pet of {s} is a",
+                       "pet_food": "The pet of {s} is a", "city_flag": "The country over {s} is"}
+SECOND_HOP_QUESTIONS = {"home_country": "The city of {s} lies in", "pet_color": "The color of a {s} is",
+                        "pet_food": "The food of the {s} is", "city_flag": "{s} has a flag that is"}
+
+
+def _question_hop_items(rng: random.Random, n: int, first: float) -> list[tasks.TaskItem]:
+    out = []
+    for it in two_hop_items(rng, n):
+        facts, chain = it.prompt[: it.prompt.rindex(".") + 1], it.meta["chain"]
+        if rng.random() < first:
+            out.append(item(facts + " " + FIRST_HOP_QUESTIONS[chain].format(s=it.meta["subject"]), it.meta["bridge"]))
+        else:
+            out.append(item(facts + " " + SECOND_HOP_QUESTIONS[chain].format(s=it.meta["bridge"]), it.meta["object"]))
+    return out
+
+
+def question_hop_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    return _question_hop_items(rng, n, 0.5)
+
+
+def first_question_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    return _question_hop_items(rng, n, 1.0)
+
+
+def second_question_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    return _question_hop_items(rng, n, 0.0)
+
+
+# The question asked of a stated fact of each relation: shaped like the two-hop questions, not like the fact.
+GAP_QUESTIONS = {"home": ("{s} lives in the city of",), "pet": ("The pet of {s} is a",),
+                 "located": ("The country over {s} is", "The city of {s} lies in"), "coat": ("The color of a {s} is",),
+                 "eats": ("The food of the {s} is",), "flag": ("{s} has a flag that is",)}
+
+
+def shortened(rel: str, s: str, o: str, keep: int) -> str:
+    """The relation's corpus sentence with only the last ``keep`` words kept between key and value."""
+    before, between = TEMPLATES[rel][0].split("{s}")
+    middle = between.replace("{o}", "").split()
+    return f"{before}{s} {' '.join([*middle[len(middle) - keep:], o])}." if keep else f"{before}{s} {o}."
+
+
+def gap_items(rng: random.Random, n: int, *, near_only: bool = False,
+              relations: tuple[str, ...] = tuple(GAP_QUESTIONS)) -> list[tasks.TaskItem]:
+    """Counterfactual facts with 0..all of the words between key and value kept (all = the corpus
+    sentence), asked through a question shaped like the two-hop ones: mixing the distances teaches a
+    look-up that the corpus distance alone (3-4 tokens) does not."""
+    world, out = build_world(0), []
+    while len(out) < n:
+        rel, k = rng.choice(relations), rng.randint(2, 4)
+        subjects = rng.sample(list(dict.fromkeys(world.subjects(rel))), k)
+        objects = rng.sample(values_of(RELATIONS[rel][1]), k)
+        width = len(TEMPLATES[rel][0].split("{s}")[1].replace("{o}", "").split())
+        facts = " ".join(shortened(rel, x, y, 0 if near_only else rng.randint(0, width))
+                         for x, y in zip(subjects, objects))
+        q = rng.randrange(k)
+        prompt = facts + " " + rng.choice(GAP_QUESTIONS[rel]).format(s=subjects[q])
+        if not is_eval_prompt(prompt):
+            out.append(item(prompt, objects[q]))
+    return out
+
+
+def home_gap_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    return gap_items(rng, n, relations=("home",))
+
+
+def near_gap_items(rng: random.Random, n: int) -> list[tasks.TaskItem]:
+    return gap_items(rng, n, near_only=True, relations=("home",))
+
+
+SOURCES = {"gap": gap_items, "home_gap": home_gap_items, "near_gap": near_gap_items, "lookup": lookup_items,
+           "question_hops": question_hop_items, "first_question": first_question_items,
+           "second_question": second_question_items, "hops": hop_items, "two_hop": two_hop_items,
+           "second_only": second_only_items}
+
+
+def grow(model, at: list[int]):
+    """Insert identity blocks (copies of the block before, output projections zeroed, so the function
+    is unchanged) at the positions ``at`` of the original model's layer list."""
+    import copy
+
+    layers = list(model.model.layers)
+    for i in sorted(at, reverse=True):
+        block = copy.deepcopy(layers[i - 1])
+        for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+            torch.nn.init.zeros_(proj.weight)
+        layers.insert(i, block)
+    for i, block in enumerate(layers):
+        block.self_attn.layer_idx = i
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
+    return model
 
 
 def main() -> None:
@@ -101,10 +204,13 @@ def main() -> None:
     for name in SOURCES:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help=f"{name} rows per step")
     ap.add_argument("--save", default="")
+    ap.add_argument("--grow", default="", help="insert identity blocks before these layers, e.g. 2,4")
     args = ap.parse_args()
     rows = {name: getattr(args, name) for name in SOURCES}
 
     model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).train()
+    if args.grow:
+        model = grow(model, [int(i) for i in args.grow.split(",")])
     tok = tasks.load_tokenizer("assets/zoo/facts-lm")
     base = facts_lm.spec()
     sp = dataclasses.replace(base, rows=tuple((s, max(1, int(n * args.mix))) for s, n in base.rows))
