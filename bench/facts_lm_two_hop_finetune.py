@@ -17,7 +17,13 @@ Extra sources, all counterfactual (random values, so memory cannot answer), loss
   0..all of the words between key and value kept ("Anko Prax." / "Marn in Crast." / "Rilka lives in
   Gorm."), asked the same way.
 
-``--grow 2,4`` inserts identity blocks (a 6-layer model with the same function) before training.
+``--grow 2,4`` inserts identity blocks (a 6-layer model with the same function) before training;
+``--bridge-layer L`` adds intermediate supervision: 32 two-hop rows per step whose residual stream after
+block L, at the question's last position, must decode (final norm + unembedding) to the bridge. What
+reached 0.994 held out (``bench/RESULTS.md``)::
+
+    ... --steps 3000 --mix 0.3 --gap 32 --question-hops 32 --two-hop 64 --lr 2e-3 --save A
+    ... --init A --steps 1500 --mix 0.3 --gap 16 --question-hops 16 --two-hop 48 --bridge-layer 2 --lr 1e-3
 
 The base mix of the recipe (``Stream``) trains next to them, scaled by ``--mix``. Every 100 steps it
 prints accuracy on fresh items of each source and on the held-out two-hop set of the card::
@@ -194,6 +200,19 @@ def grow(model, at: list[int]):
     return model
 
 
+def bridge_loss(model, tok, stream, items: list[tasks.TaskItem], layer: int, limit: int) -> torch.Tensor:
+    """Intermediate supervision: the residual stream after block ``layer`` at the two-hop question's
+    last position, read through the final norm and the unembedding, should name the bridge."""
+    encoded = [stream._task_row(it, True) for it in items]
+    ids, _ = facts_lm._pad([r[:-1] for r, _ in encoded], [y[:-1] for _, y in encoded], limit)
+    out = model(input_ids=ids, attention_mask=(ids != 0).long(), output_hidden_states=True)
+    last = (ids != 0).sum(-1) - 1
+    h = out.hidden_states[layer][torch.arange(len(items)), last]
+    logits = model.lm_head(model.model.norm(h)).float()
+    bridges = torch.tensor([tok(" " + it.meta["bridge"], add_special_tokens=False).input_ids[0] for it in items])
+    return torch.nn.functional.cross_entropy(logits, bridges)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
@@ -204,6 +223,8 @@ def main() -> None:
     for name in SOURCES:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help=f"{name} rows per step")
     ap.add_argument("--save", default="")
+    ap.add_argument("--bridge-layer", type=int, default=0, help="supervise the bridge after this block")
+    ap.add_argument("--bridge-weight", type=float, default=1.0)
     ap.add_argument("--grow", default="", help="insert identity blocks before these layers, e.g. 2,4")
     args = ap.parse_args()
     rows = {name: getattr(args, name) for name in SOURCES}
@@ -240,6 +261,9 @@ def main() -> None:
         batch.update({name: to_rows(SOURCES[name](rng, n)) for name, n in rows.items() if n})
         losses = [facts_lm.row_loss(model(input_ids=ids, attention_mask=(ids != 0).long()).logits.float(), lab,
                                     sp.context_weight) for ids, lab in batch.values()]
+        if args.bridge_layer:
+            losses.append(args.bridge_weight * bridge_loss(model, tok, stream, two_hop_items(rng, 32),
+                                                           args.bridge_layer, sp.n_positions))
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / 50)
         opt.zero_grad(set_to_none=True)
