@@ -139,11 +139,16 @@ GAP_QUESTIONS = {"home": ("{s} lives in the city of",), "pet": ("The pet of {s} 
                  "eats": ("The food of the {s} is",), "flag": ("{s} has a flag that is",)}
 
 
+def _split_template(rel: str) -> tuple[str, list[str]]:
+    """(words before the key, words between key and value) of the relation's corpus sentence."""
+    before, between = TEMPLATES[rel][0].split("{s}")
+    return before, between.replace("{o}", "").split()
+
+
 def shortened(rel: str, s: str, o: str, keep: int) -> str:
     """The relation's corpus sentence with only the last ``keep`` words kept between key and value."""
-    before, between = TEMPLATES[rel][0].split("{s}")
-    middle = between.replace("{o}", "").split()
-    return f"{before}{s} {' '.join([*middle[len(middle) - keep:], o])}." if keep else f"{before}{s} {o}."
+    before, middle = _split_template(rel)
+    return f"{before}{s} {' '.join([*middle[len(middle) - keep:], o])}."
 
 
 def gap_items(rng: random.Random, n: int, *, near_only: bool = False,
@@ -156,7 +161,7 @@ def gap_items(rng: random.Random, n: int, *, near_only: bool = False,
         rel, k = rng.choice(relations), rng.randint(2, 4)
         subjects = rng.sample(list(dict.fromkeys(world.subjects(rel))), k)
         objects = rng.sample(values_of(RELATIONS[rel][1]), k)
-        width = len(TEMPLATES[rel][0].split("{s}")[1].replace("{o}", "").split())
+        width = len(_split_template(rel)[1])
         facts = " ".join(shortened(rel, x, y, 0 if near_only else rng.randint(0, width))
                          for x, y in zip(subjects, objects))
         q = rng.randrange(k)
